@@ -1,0 +1,40 @@
+# FV2ES on Triton. Quick start: `make serve` (one shell), `make test` (another).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+REPO ?= model_repository
+CHECKPOINT ?=
+GRPC_PORT ?= 8001
+HTTP_PORT ?= 8000
+METRICS_PORT ?= 8002
+
+.PHONY: setup repository serve test bench clean
+
+# The environment: a venv with the pinned CPU torch, the client and the library.
+$(BIN)/.installed: pyproject.toml client/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e client -e '.[dev,asr]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+# The cpu profile of the model repository, from CHECKPOINT (default: untrained seeded weights).
+repository: setup
+	$(BIN)/python -m builders.build_repository --profile cpu --output $(REPO) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+
+serve: setup
+	test -f $(REPO)/fv2es/config.pbtxt || $(MAKE) repository
+	$(BIN)/python -m fv2es.serving.serve --model-repository $(REPO) \
+		--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python -m benchmarks.compare --quick
+
+clean:
+	rm -rf $(REPO)/*/ build .pytest_cache

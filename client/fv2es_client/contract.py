@@ -1,0 +1,176 @@
+"""The tensor contract: the single source of truth for every tensor's name, dtype and shape.
+
+Read by the builders (ONNX export, TensorRT profiles), the generated Triton configs, the
+in-process predictor, the client and the tests. Deliberately free of heavy imports: the
+client installs without torch.
+
+Shapes are per clip, without the batch axis that Triton adds (every served model has
+max_batch_size > 0). A string in a shape is a named dynamic axis; an int is fixed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Named dynamic axes, with the range we accept (min, opt, max): TensorRT profiles and
+# input validation read these.
+AXES = {
+    "frames": (1, 20, 256),        # sampled frames, one per 500 ms (256 = 128 s of video)
+    "pieces": (1, 25, 256),        # 32-frame mel pieces, ~0.4 s each
+    "tokens": (2, 100, 100),       # text tokens, CLS and SEP included
+    "samples": (1, 160_000, 16_000 * 600),  # 16 kHz mono audio (10 min max)
+    "height": (1, 360, 1280),
+    "width": (1, 640, 1280),
+    "classes": (6, 6, 6),
+}
+
+FRAME_INTERVAL_S = 0.5
+FACE_SIZE = 48
+FACE_MEAN = (159.0, 111.0, 102.0)   # 0-255 scale, RGB
+FACE_STD = (37.0, 33.0, 32.0)
+SAMPLE_RATE = 16_000
+N_MELS = 128
+PIECE_FRAMES = 32
+MAX_TOKENS = 100
+MAX_FRAME_SIDE = 1280               # decoded frames are scaled down to this longer side
+MAX_MEDIA_BYTES = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str              # numpy dtype name, or "bytes" for Triton's TYPE_STRING
+    shape: tuple            # per clip, no batch axis
+
+    @property
+    def triton_dtype(self) -> str:
+        return TRITON_DTYPES[self.dtype]
+
+    def dims(self) -> list[int]:
+        """Triton config dims: -1 for named dynamic axes."""
+        return [d if isinstance(d, int) else -1 for d in self.shape]
+
+
+TRITON_DTYPES = {
+    "bytes": "TYPE_STRING", "float32": "TYPE_FP32", "float16": "TYPE_FP16",
+    "int64": "TYPE_INT64", "int32": "TYPE_INT32", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL",
+}
+# Wire dtype names used by tritonclient's InferInput.
+WIRE_DTYPES = {
+    "bytes": "BYTES", "float32": "FP32", "float16": "FP16", "int64": "INT64",
+    "int32": "INT32", "uint8": "UINT8", "bool": "BOOL",
+}
+
+
+def _t(name, dtype, *shape):
+    return Tensor(name, dtype, tuple(shape))
+
+
+# Every tensor that flows through the served graph, by name.
+TENSORS = {t.name: t for t in [
+    # request
+    _t("MEDIA", "bytes", 1),                     # the video/audio file as sent
+    _t("TRANSCRIPT", "bytes", 1),                # may be empty: recognition fills it
+    # decode_video
+    _t("FRAMES", "uint8", "frames", "height", "width", 3),   # RGB, sampled every 500 ms
+    _t("FRAME_TIMES", "float32", "frames"),      # seconds
+    _t("VIDEO_PRESENT", "bool", 1),
+    _t("DURATION", "float32", 1),                # seconds, longest stream
+    # detect_faces
+    _t("FACE_BOXES", "float32", "frames", 4),    # x1, y1, x2, y2 in frame pixels
+    _t("FACE_SCORES", "float32", "frames"),      # 0 where no face was found
+    # crop_faces
+    _t("FACES", "float32", "frames", 3, FACE_SIZE, FACE_SIZE),
+    # decode_audio
+    _t("AUDIO", "float32", "samples"),           # 16 kHz mono
+    _t("AUDIO_PRESENT", "bool", 1),
+    # mel_pieces
+    _t("MEL_PIECES", "float32", "pieces", 4, 32, 32),
+    # transcribe
+    _t("TRANSCRIPT_USED", "bytes", 1),
+    _t("TRANSCRIPT_SOURCE", "bytes", 1),         # request | recognition | none
+    _t("ASR_SECONDS", "float32", 1),
+    # tokenize
+    _t("INPUT_IDS", "int64", "tokens"),
+    _t("ATTENTION_MASK", "int64", "tokens"),
+    _t("TEXT_PRESENT", "bool", 1),
+    # encoders
+    _t("VISUAL_LOGITS", "float32", "classes"),
+    _t("AUDIO_LOGITS", "float32", "classes"),
+    _t("TEXT_LOGITS", "float32", "classes"),
+    # fusion
+    _t("FUSED_LOGITS", "float32", "classes"),
+    _t("PROBABILITIES", "float32", "classes"),   # sigmoid: labels are multi-label (BCE)
+    _t("WEIGHTS", "bytes", 1),                   # "untrained ..." or the checkpoint's identity
+]}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One model folder of the served graph; the in-process predictor runs the same steps."""
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    batching: bool = False      # dynamic batching across requests (ragged inputs)
+
+
+# The graph, in an order where every input is produced before it is read.
+STEPS = (
+    Step("decode_video", ("MEDIA",), ("FRAMES", "FRAME_TIMES", "VIDEO_PRESENT", "DURATION")),
+    Step("decode_audio", ("MEDIA",), ("AUDIO", "AUDIO_PRESENT")),
+    Step("detect_faces", ("FRAMES",), ("FACE_BOXES", "FACE_SCORES"), batching=True),
+    Step("crop_faces", ("FRAMES", "FACE_BOXES", "FACE_SCORES"), ("FACES",)),
+    Step("visual_encoder", ("FACES",), ("VISUAL_LOGITS",), batching=True),
+    Step("mel_pieces", ("AUDIO",), ("MEL_PIECES",)),
+    Step("audio_encoder", ("MEL_PIECES",), ("AUDIO_LOGITS",), batching=True),
+    Step("transcribe", ("AUDIO", "TRANSCRIPT"), ("TRANSCRIPT_USED", "TRANSCRIPT_SOURCE", "ASR_SECONDS")),
+    Step("tokenize", ("TRANSCRIPT_USED",), ("INPUT_IDS", "ATTENTION_MASK", "TEXT_PRESENT")),
+    Step("text_encoder", ("INPUT_IDS", "ATTENTION_MASK"), ("TEXT_LOGITS",), batching=True),
+    Step("fusion",
+         ("VISUAL_LOGITS", "AUDIO_LOGITS", "TEXT_LOGITS", "VIDEO_PRESENT", "AUDIO_PRESENT", "TEXT_PRESENT"),
+         ("FUSED_LOGITS", "PROBABILITIES", "WEIGHTS"), batching=True),
+)
+STEP_BY_NAME = {s.name: s for s in STEPS}
+
+ENSEMBLE = "fv2es"
+ENSEMBLE_INPUTS = ("MEDIA", "TRANSCRIPT")
+ENSEMBLE_OUTPUTS = (
+    "PROBABILITIES", "FUSED_LOGITS", "VISUAL_LOGITS", "AUDIO_LOGITS", "TEXT_LOGITS",
+    "FACE_SCORES", "FRAME_TIMES", "DURATION", "VIDEO_PRESENT", "AUDIO_PRESENT", "TEXT_PRESENT",
+    "TRANSCRIPT_USED", "TRANSCRIPT_SOURCE", "ASR_SECONDS", "WEIGHTS",
+)
+# Optional request inputs: the client may leave them out.
+OPTIONAL_INPUTS = ("TRANSCRIPT",)
+
+# Network-level I/O (ONNX / TensorRT), batch-first with named axes. Masks are True where
+# the position holds real data.
+NETWORKS = {
+    "visual": {"inputs": {"faces": ("float32", ("batch", "frames", 3, FACE_SIZE, FACE_SIZE)),
+                          "frame_mask": ("bool", ("batch", "frames"))},
+               "outputs": {"logits": ("float32", ("batch", "classes"))}},
+    "audio": {"inputs": {"pieces": ("float32", ("batch", "pieces", 4, 32, 32)),
+                         "piece_mask": ("bool", ("batch", "pieces"))},
+              "outputs": {"logits": ("float32", ("batch", "classes"))}},
+    "text": {"inputs": {"input_ids": ("int64", ("batch", "tokens")),
+                        "attention_mask": ("int64", ("batch", "tokens"))},
+             "outputs": {"logits": ("float32", ("batch", "classes"))}},
+    "fusion": {"inputs": {"modality_logits": ("float32", ("batch", "classes", 3)),
+                          "present": ("float32", ("batch", 3))},
+               "outputs": {"logits": ("float32", ("batch", "classes"))}},
+    "pnet": {"inputs": {"image": ("float32", ("batch", 3, "height", "width"))},
+             "outputs": {"boxes": ("float32", ("batch", 4, "out_h", "out_w")),
+                         "probs": ("float32", ("batch", 2, "out_h", "out_w"))}},
+    "rnet": {"inputs": {"image": ("float32", ("batch", 3, 24, 24))},
+             "outputs": {"boxes": ("float32", ("batch", 4)), "probs": ("float32", ("batch", 2))}},
+    "onet": {"inputs": {"image": ("float32", ("batch", 3, 48, 48))},
+             "outputs": {"boxes": ("float32", ("batch", 4)), "landmarks": ("float32", ("batch", 10)),
+                         "probs": ("float32", ("batch", 2))}},
+}
+# Modality order in the fusion's stacked logits, as the authors stack them
+# (torch.stack([text, visual, audio], dim=-1) before weighted_fusion).
+MODALITIES = ("text", "visual", "audio")
+
+LABEL_SETS = {
+    "iemocap6": ("ang", "exc", "fru", "hap", "neu", "sad"),
+    "mosei6": ("anger", "disgust", "fear", "happy", "sad", "surprise"),
+}
+DEFAULT_LABEL_SET = "iemocap6"
