@@ -15,6 +15,7 @@ METRICS_PORT ?= 8002
 $(BIN)/.installed: pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	bash scripts/install_system_deps.sh
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e client -e '.[dev,asr]'
 	touch $@

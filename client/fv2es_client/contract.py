@@ -101,6 +101,7 @@ TENSORS = {t.name: t for t in [
     _t("FUSED_LOGITS", "float32", "classes"),
     _t("PROBABILITIES", "float32", "classes"),   # sigmoid: labels are multi-label (BCE)
     _t("WEIGHTS", "bytes", 1),                   # "untrained ..." or the checkpoint's identity
+    _t("LABELS", "bytes", "classes"),            # label names, in PROBABILITIES' order
 ]}
 
 
@@ -127,7 +128,7 @@ STEPS = (
     Step("text_encoder", ("INPUT_IDS", "ATTENTION_MASK"), ("TEXT_LOGITS",), batching=True),
     Step("fusion",
          ("VISUAL_LOGITS", "AUDIO_LOGITS", "TEXT_LOGITS", "VIDEO_PRESENT", "AUDIO_PRESENT", "TEXT_PRESENT"),
-         ("FUSED_LOGITS", "PROBABILITIES", "WEIGHTS"), batching=True),
+         ("FUSED_LOGITS", "PROBABILITIES", "WEIGHTS", "LABELS"), batching=True),
 )
 STEP_BY_NAME = {s.name: s for s in STEPS}
 
@@ -136,7 +137,7 @@ ENSEMBLE_INPUTS = ("MEDIA", "TRANSCRIPT")
 ENSEMBLE_OUTPUTS = (
     "PROBABILITIES", "FUSED_LOGITS", "VISUAL_LOGITS", "AUDIO_LOGITS", "TEXT_LOGITS",
     "FACE_SCORES", "FRAME_TIMES", "DURATION", "VIDEO_PRESENT", "AUDIO_PRESENT", "TEXT_PRESENT",
-    "TRANSCRIPT_USED", "TRANSCRIPT_SOURCE", "ASR_SECONDS", "WEIGHTS",
+    "TRANSCRIPT_USED", "TRANSCRIPT_SOURCE", "ASR_SECONDS", "WEIGHTS", "LABELS",
 )
 # Optional request inputs: the client may leave them out.
 OPTIONAL_INPUTS = ("TRANSCRIPT",)
