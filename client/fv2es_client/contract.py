@@ -46,8 +46,13 @@ class Tensor:
         return TRITON_DTYPES[self.dtype]
 
     def dims(self) -> list[int]:
-        """Triton config dims: -1 for named dynamic axes."""
-        return [d if isinstance(d, int) else -1 for d in self.shape]
+        """Triton config dims: -1 for named dynamic axes, the value for axes fixed in AXES."""
+        def dim(d):
+            if isinstance(d, int):
+                return d
+            low, _, high = AXES[d]
+            return low if low == high else -1
+        return [dim(d) for d in self.shape]
 
 
 TRITON_DTYPES = {
@@ -118,7 +123,7 @@ class Step:
 STEPS = (
     Step("decode_video", ("MEDIA",), ("FRAMES", "FRAME_TIMES", "VIDEO_PRESENT", "DURATION")),
     Step("decode_audio", ("MEDIA",), ("AUDIO", "AUDIO_PRESENT")),
-    Step("detect_faces", ("FRAMES",), ("FACE_BOXES", "FACE_SCORES"), batching=True),
+    Step("detect_faces", ("FRAMES",), ("FACE_BOXES", "FACE_SCORES")),
     Step("crop_faces", ("FRAMES", "FACE_BOXES", "FACE_SCORES"), ("FACES",)),
     Step("visual_encoder", ("FACES",), ("VISUAL_LOGITS",), batching=True),
     Step("mel_pieces", ("AUDIO",), ("MEL_PIECES",)),

@@ -1,0 +1,86 @@
+"""`fv2es predict VIDEO`: the whole model in this process, on the CPU."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fv2es_client.contract import MAX_MEDIA_BYTES
+
+
+def _fail(message: str) -> int:
+    print(f"fv2es: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _read_media(path: Path) -> bytes:
+    if not path.exists():
+        raise ValueError(f"no such file: {path}")
+    if not path.is_file():
+        raise ValueError(f"not a file: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"empty file: {path}")
+    if size > MAX_MEDIA_BYTES:
+        raise ValueError(f"file too large: {path} has {size} bytes > {MAX_MEDIA_BYTES}")
+    return path.read_bytes()
+
+
+def predict(args) -> int:
+    import numpy as np
+    from fv2es_client.client import Prediction, format_prediction
+
+    from fv2es.media import MediaError
+
+    try:
+        media = _read_media(Path(args.video))
+    except ValueError as exc:
+        return _fail(str(exc))
+    transcriber = None
+    if not args.transcript and args.asr != "none":
+        from fv2es.asr import Transcriber
+
+        transcriber = Transcriber(args.asr)
+    from fv2es.predictor import Predictor
+
+    predictor = Predictor(checkpoint=args.checkpoint, transcriber=transcriber)
+    bar = None
+    if not args.no_progress and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(predictor.steps), desc=Path(args.video).name, unit="step", file=sys.stderr, leave=False)
+    try:
+        result = predictor.predict(media, args.transcript or "", progress=(lambda name: (
+            bar.set_postfix_str(name), bar.update(1))) if bar else None)
+    except MediaError as exc:
+        return _fail(f"{args.video}: {exc}")
+    finally:
+        if bar:
+            bar.close()
+    prediction = Prediction.from_outputs({k: np.asarray(v)[np.newaxis] for k, v in result.tensors.items()})
+    timings = {name: round(seconds, 4) for name, seconds in result.timings.items()}
+    if args.json:
+        print(json.dumps({"file": args.video, **prediction.to_dict(), "timings_s": timings}, indent=2))
+    else:
+        print(format_prediction(args.video, prediction))
+        print("timings: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in timings.items()))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fv2es", description="FV2ES video emotion recognition")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("predict", help="predict emotions for one video, in this process")
+    p.add_argument("video")
+    p.add_argument("--transcript", help="the words spoken; skips speech recognition")
+    p.add_argument("--checkpoint", help="our checkpoint or the authors' state dict (default: untrained)")
+    p.add_argument("--asr", default="whisper-tiny.en", help="speech recognition model, or 'none'")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    return predict(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Triton python-backend adapter: each model folder of the cpu profile runs one fv2es step.
+
+The folder's `1/model.py` only imports `TritonPythonModel` from here; the config's
+parameters say which step it is and where its artefacts are (beside model.py).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils  # provided by the python backend stub
+from fv2es_client.contract import TENSORS
+
+from fv2es.steps import STEP_NETWORKS, make_step
+
+
+def build_served_step(params: dict[str, str], version_dir: Path):
+    """The step named by the config, with the resources found in its version folder."""
+    name = params["step"]
+    runner = tokenizer = transcriber = None
+    if name in STEP_NETWORKS:
+        from fv2es.runners import OnnxRunner
+
+        runner = OnnxRunner({net: version_dir / f"{net}.onnx" for net in STEP_NETWORKS[name]},
+                            threads=int(params.get("onnx_threads", "0")))
+    if name == "tokenize":
+        from fv2es.model.text import load_tokenizer_file
+
+        tokenizer = load_tokenizer_file(version_dir / "tokenizer.json")
+    if name == "transcribe" and params.get("asr_model", "none") != "none":
+        from fv2es.asr import Transcriber
+
+        transcriber = Transcriber(params["asr_model"], device=params.get("asr_device", "cpu"),
+                                  compute_type=params.get("asr_compute_type", "int8"))
+    return make_step(name, runner=runner, tokenizer=tokenizer, transcriber=transcriber,
+                     weights_id=params.get("weights_id", ""), label_set=params.get("label_set", ""))
+
+
+def as_contract_dtype(name: str, value: np.ndarray) -> np.ndarray:
+    """The python backend does not check outputs against the config: we cast here, once."""
+    dtype = TENSORS[name].dtype
+    return np.asarray(value, dtype=object if dtype == "bytes" else dtype)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.step = build_served_step(params, version_dir)
+
+    def _clip(self, request) -> dict:
+        # Every tensor carries Triton's batch axis of 1 per request: drop it.
+        return {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()[0]
+                for name in self.step.spec.inputs}
+
+    def _response(self, outputs: dict):
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor(name, as_contract_dtype(name, outputs[name])[np.newaxis])
+            for name in self.step.spec.outputs])
+
+    def _error(self, exc: Exception):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.step.name}: {exc}"))
+
+    def execute(self, requests):
+        if self.step.batching:
+            # One network call for the whole dynamic batch; a failure fails the batch.
+            try:
+                return [self._response(out) for out in self.step([self._clip(r) for r in requests])]
+            except Exception as exc:  # noqa: BLE001 - reported to every client of the batch
+                return [self._error(exc) for _ in requests]
+        responses = []
+        for request in requests:
+            try:
+                responses.append(self._response(self.step.process(self._clip(request))))
+            except Exception as exc:  # noqa: BLE001 - the client gets the message, the server keeps serving
+                responses.append(self._error(exc))
+        return responses

@@ -1,0 +1,246 @@
+"""The steps of the served graph, one class per model folder (contract.STEPS).
+
+Each step maps the contract's per-clip input tensors (numpy, no batch axis) to its
+output tensors. The Triton python models and the in-process predictor both call these
+classes, in contract.STEPS order, so server and library cannot drift.
+
+Per-clip steps implement `process(clip)`; batching steps implement `__call__(clips)`
+and pad variable-length inputs into one network call (masks keep padding out).
+"""
+from __future__ import annotations
+
+import numpy as np
+from fv2es_client.contract import LABEL_SETS, MODALITIES, STEP_BY_NAME
+
+from fv2es import features, media
+from fv2es.runners import Runner
+
+
+def text_tensor(value: str) -> np.ndarray:
+    return np.array([value.encode("utf-8")], dtype=object)
+
+
+def read_text(tensor: np.ndarray) -> str:
+    value = tensor.reshape(-1)[0] if tensor.size else b""
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def read_bytes(tensor: np.ndarray) -> bytes:
+    value = tensor.reshape(-1)[0]
+    return value if isinstance(value, bytes) else bytes(value)
+
+
+def flag(value: bool) -> np.ndarray:
+    return np.array([bool(value)])
+
+
+def pad_stack(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Stack [n_i, ...] arrays into [B, max n, ...] zero-padded, with a [B, max n] mask of real rows.
+
+    At least one position per clip, so a clip with no rows still runs (its CLS alone).
+    """
+    longest = max(1, max(len(a) for a in arrays))
+    stacked = np.zeros((len(arrays), longest) + arrays[0].shape[1:], dtype=arrays[0].dtype)
+    mask = np.zeros((len(arrays), longest), dtype=bool)
+    for i, a in enumerate(arrays):
+        stacked[i, :len(a)] = a
+        mask[i, :len(a)] = True
+    return stacked, mask
+
+
+class Step:
+    name: str = ""
+    batching = False
+
+    @property
+    def spec(self):
+        return STEP_BY_NAME[self.name]
+
+    def process(self, clip: dict) -> dict:
+        raise NotImplementedError
+
+    def __call__(self, clips: list[dict]) -> list[dict]:
+        return [self.process(clip) for clip in clips]
+
+
+class DecodeVideo(Step):
+    name = "decode_video"
+
+    def process(self, clip):
+        video = media.decode_video(read_bytes(clip["MEDIA"]))
+        return {"FRAMES": video.frames, "FRAME_TIMES": video.times.astype(np.float32),
+                "VIDEO_PRESENT": flag(video.present), "DURATION": np.array([video.duration], np.float32)}
+
+
+class DecodeAudio(Step):
+    name = "decode_audio"
+
+    def process(self, clip):
+        audio = media.decode_audio(read_bytes(clip["MEDIA"]))
+        return {"AUDIO": audio.samples.astype(np.float32), "AUDIO_PRESENT": flag(audio.present)}
+
+
+class DetectFaces(Step):
+    name = "detect_faces"
+
+    def __init__(self, runner: Runner):
+        from fv2es import mtcnn
+
+        self._detect = mtcnn.detect_faces
+        self._run_net = mtcnn_adapter(runner)
+
+    def process(self, clip):
+        frames = clip["FRAMES"]
+        if len(frames) == 0:
+            return {"FACE_BOXES": np.zeros((0, 4), np.float32), "FACE_SCORES": np.zeros(0, np.float32)}
+        boxes, scores = self._detect(frames, self._run_net)
+        return {"FACE_BOXES": boxes.astype(np.float32), "FACE_SCORES": scores.astype(np.float32)}
+
+
+def mtcnn_adapter(runner: Runner):
+    """fv2es.mtcnn calls run_net(name, images) -> outputs in contract order."""
+    from fv2es.runners import output_names
+
+    def run_net(name, images):
+        outputs = runner(name, {"image": images.astype(np.float32, copy=False)})
+        return tuple(outputs[n] for n in output_names(name))
+    return run_net
+
+
+class CropFaces(Step):
+    name = "crop_faces"
+
+    def process(self, clip):
+        faces = features.crop_faces(clip["FRAMES"], clip["FACE_BOXES"], clip["FACE_SCORES"])
+        return {"FACES": faces.astype(np.float32)}
+
+
+class MelPieces(Step):
+    name = "mel_pieces"
+
+    def process(self, clip):
+        return {"MEL_PIECES": features.mel_pieces(clip["AUDIO"]).astype(np.float32)}
+
+
+class Encoder(Step):
+    """A batching step: pad every clip's sequence, one network call, split the logits."""
+    batching = True
+    network = ""
+    inputs: tuple[str, ...] = ()       # step tensor names, in the network's input order
+    output = ""
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+
+    def network_inputs(self, clips):
+        raise NotImplementedError
+
+    def __call__(self, clips):
+        logits = self.runner(self.network, self.network_inputs(clips))["logits"]
+        return [{self.output: row.astype(np.float32)} for row in logits]
+
+
+class VisualEncoder(Encoder):
+    name, network, output = "visual_encoder", "visual", "VISUAL_LOGITS"
+
+    def network_inputs(self, clips):
+        faces, mask = pad_stack([c["FACES"] for c in clips])
+        return {"faces": faces, "frame_mask": mask}
+
+
+class AudioEncoder(Encoder):
+    name, network, output = "audio_encoder", "audio", "AUDIO_LOGITS"
+
+    def network_inputs(self, clips):
+        pieces, mask = pad_stack([c["MEL_PIECES"] for c in clips])
+        return {"pieces": pieces, "piece_mask": mask}
+
+
+class TextEncoder(Encoder):
+    name, network, output = "text_encoder", "text", "TEXT_LOGITS"
+
+    def network_inputs(self, clips):
+        ids, _ = pad_stack([c["INPUT_IDS"] for c in clips])
+        mask, _ = pad_stack([c["ATTENTION_MASK"] for c in clips])
+        return {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
+
+
+class Transcribe(Step):
+    """Passes the request's transcript through, or recognises speech when it is empty."""
+    name = "transcribe"
+
+    def __init__(self, transcriber=None):
+        self.transcriber = transcriber
+
+    def process(self, clip):
+        from fv2es.asr import resolve_transcript
+
+        text, source, seconds = resolve_transcript(read_text(clip["TRANSCRIPT"]), clip["AUDIO"], self.transcriber)
+        return {"TRANSCRIPT_USED": text_tensor(text), "TRANSCRIPT_SOURCE": text_tensor(source),
+                "ASR_SECONDS": np.array([seconds], np.float32)}
+
+
+class Tokenize(Step):
+    name = "tokenize"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def process(self, clip):
+        from fv2es.model.text import encode
+
+        text = read_text(clip["TRANSCRIPT_USED"]).strip()
+        ids, mask = encode(self.tokenizer, text)
+        return {"INPUT_IDS": ids.astype(np.int64), "ATTENTION_MASK": mask.astype(np.int64),
+                "TEXT_PRESENT": flag(bool(text))}
+
+
+class Fusion(Step):
+    """Weighted late fusion; an absent modality (no video/audio/words) is left out."""
+    name = "fusion"
+    batching = True
+
+    def __init__(self, runner: Runner, weights_id: str, label_set: str):
+        self.runner = runner
+        self.weights = text_tensor(weights_id)
+        self.labels = np.array([label.encode() for label in LABEL_SETS[label_set]], dtype=object)
+
+    def __call__(self, clips):
+        logits = {"text": "TEXT_LOGITS", "visual": "VISUAL_LOGITS", "audio": "AUDIO_LOGITS"}
+        present = {"text": "TEXT_PRESENT", "visual": "VIDEO_PRESENT", "audio": "AUDIO_PRESENT"}
+        stacked = np.stack([np.stack([c[logits[m]] for m in MODALITIES], axis=-1) for c in clips])
+        mask = np.array([[float(c[present[m]].reshape(-1)[0]) for m in MODALITIES] for c in clips], np.float32)
+        fused = self.runner("fusion", {"modality_logits": stacked.astype(np.float32), "present": mask})["logits"]
+        probabilities = 1.0 / (1.0 + np.exp(-fused.astype(np.float64)))  # multi-label (BCE-trained)
+        return [{"FUSED_LOGITS": f.astype(np.float32), "PROBABILITIES": p.astype(np.float32),
+                 "WEIGHTS": self.weights, "LABELS": self.labels}
+                for f, p in zip(fused, probabilities)]
+
+
+STEP_CLASSES = {cls.name: cls for cls in (
+    DecodeVideo, DecodeAudio, DetectFaces, CropFaces, VisualEncoder, MelPieces, AudioEncoder,
+    Transcribe, Tokenize, TextEncoder, Fusion)}
+
+# The networks each step runs: the builders put these ONNX files in the step's folder.
+STEP_NETWORKS = {
+    "detect_faces": ("pnet", "rnet", "onet"),
+    "visual_encoder": ("visual",),
+    "audio_encoder": ("audio",),
+    "text_encoder": ("text",),
+    "fusion": ("fusion",),
+}
+
+
+def make_step(name: str, runner: Runner | None = None, tokenizer=None, transcriber=None,
+              weights_id: str = "", label_set: str = "") -> Step:
+    """Build one step with the resources it needs (the others are ignored)."""
+    cls = STEP_CLASSES[name]
+    if name in ("visual_encoder", "audio_encoder", "text_encoder", "detect_faces"):
+        return cls(runner)
+    if name == "fusion":
+        return cls(runner, weights_id, label_set)
+    if name == "tokenize":
+        return cls(tokenizer)
+    if name == "transcribe":
+        return cls(transcriber)
+    return cls()
