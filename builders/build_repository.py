@@ -87,9 +87,9 @@ def build_cpu(output: Path, checkpoint: str | None = None, label_set: str | None
     from fv2es.model.text import tokenizer_file
 
     if asr_model != "none":
-        from fv2es.asr import check_model_available
+        from fv2es.asr import Transcriber
 
-        check_model_available(asr_model)   # a clear build error now, not at serve time
+        Transcriber(asr_model, compute_type=asr_compute_type)   # a clear build error now, not at serve time
     model = load_model(checkpoint, label_set)
     label_set = model.config.label_set
     if output.exists():
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     try:
         out = build_cpu(args.output, args.checkpoint, args.label_set, args.asr_model,
                         args.asr_compute_type, args.onnx_threads)
-    except (RuntimeError, ValueError, FileNotFoundError) as exc:
+    except (RuntimeError, ValueError, OSError) as exc:
         print(f"build failed: {exc}", file=sys.stderr)
         return 1
     print(f"built the {args.profile} profile in {out}")

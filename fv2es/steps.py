@@ -175,7 +175,8 @@ class Transcribe(Step):
     def process(self, clip):
         from fv2es.asr import resolve_transcript
 
-        text, source, seconds = resolve_transcript(read_text(clip["TRANSCRIPT"]), clip["AUDIO"], self.transcriber)
+        audio = clip["AUDIO"] if clip["AUDIO_PRESENT"].reshape(-1)[0] else None
+        text, source, seconds = resolve_transcript(read_text(clip["TRANSCRIPT"]), audio, self.transcriber)
         return {"TRANSCRIPT_USED": text_tensor(text), "TRANSCRIPT_SOURCE": text_tensor(source),
                 "ASR_SECONDS": np.array([seconds], np.float32)}
 

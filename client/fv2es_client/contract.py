@@ -128,7 +128,7 @@ STEPS = (
     Step("visual_encoder", ("FACES",), ("VISUAL_LOGITS",), batching=True),
     Step("mel_pieces", ("AUDIO",), ("MEL_PIECES",)),
     Step("audio_encoder", ("MEL_PIECES",), ("AUDIO_LOGITS",), batching=True),
-    Step("transcribe", ("AUDIO", "TRANSCRIPT"), ("TRANSCRIPT_USED", "TRANSCRIPT_SOURCE", "ASR_SECONDS")),
+    Step("transcribe", ("AUDIO", "AUDIO_PRESENT", "TRANSCRIPT"), ("TRANSCRIPT_USED", "TRANSCRIPT_SOURCE", "ASR_SECONDS")),
     Step("tokenize", ("TRANSCRIPT_USED",), ("INPUT_IDS", "ATTENTION_MASK", "TEXT_PRESENT")),
     Step("text_encoder", ("INPUT_IDS", "ATTENTION_MASK"), ("TEXT_LOGITS",), batching=True),
     Step("fusion",

@@ -32,7 +32,7 @@ def build_served_step(params: dict[str, str], version_dir: Path):
         from fv2es.asr import Transcriber
 
         transcriber = Transcriber(params["asr_model"], device=params.get("asr_device", "cpu"),
-                                  compute_type=params.get("asr_compute_type", "int8"))
+                                  compute_type=params.get("asr_compute_type") or None)
     return make_step(name, runner=runner, tokenizer=tokenizer, transcriber=transcriber,
                      weights_id=params.get("weights_id", ""), label_set=params.get("label_set", ""))
 
