@@ -6,36 +6,21 @@ import json
 import sys
 from pathlib import Path
 
-from fv2es_client.contract import MAX_MEDIA_BYTES
-
 
 def _fail(message: str) -> int:
     print(f"fv2es: error: {message}", file=sys.stderr)
     return 2
 
 
-def _read_media(path: Path) -> bytes:
-    if not path.exists():
-        raise ValueError(f"no such file: {path}")
-    if not path.is_file():
-        raise ValueError(f"not a file: {path}")
-    size = path.stat().st_size
-    if size == 0:
-        raise ValueError(f"empty file: {path}")
-    if size > MAX_MEDIA_BYTES:
-        raise ValueError(f"file too large: {path} has {size} bytes > {MAX_MEDIA_BYTES}")
-    return path.read_bytes()
-
-
 def predict(args) -> int:
-    import numpy as np
-    from fv2es_client.client import Prediction, format_prediction
+    from fv2es_client.cli import format_prediction
+    from fv2es_client.client import InvalidInput, Prediction, read_media
 
     from fv2es.media import MediaError
 
     try:
-        media = _read_media(Path(args.video))
-    except ValueError as exc:
+        media, _ = read_media(args.video)
+    except InvalidInput as exc:
         return _fail(str(exc))
     transcriber = None
     if not args.transcript and args.asr != "none":
@@ -58,12 +43,12 @@ def predict(args) -> int:
     finally:
         if bar:
             bar.close()
-    prediction = Prediction.from_outputs({k: np.asarray(v)[np.newaxis] for k, v in result.tensors.items()})
+    prediction = Prediction.from_outputs(result.tensors, source=args.video)
     timings = {name: round(seconds, 4) for name, seconds in result.timings.items()}
     if args.json:
-        print(json.dumps({"file": args.video, **prediction.to_dict(), "timings_s": timings}, indent=2))
+        print(json.dumps({**prediction.to_dict(), "timings_s": timings}, indent=2))
     else:
-        print(format_prediction(args.video, prediction))
+        print(format_prediction(prediction))
         print("timings: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in timings.items()))
     return 0
 

@@ -12,6 +12,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by the python backend stub
 from fv2es_client.contract import TENSORS
 
+from fv2es.media import MediaError
 from fv2es.steps import STEP_NETWORKS, make_step
 
 
@@ -61,7 +62,9 @@ class TritonPythonModel:
             for name in self.step.spec.outputs])
 
     def _error(self, exc: Exception):
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.step.name}: {exc}"))
+        # Bad media is the client's problem (INVALID_ARGUMENT); anything else is ours (INTERNAL).
+        code = pb_utils.TritonError.INVALID_ARG if isinstance(exc, MediaError) else pb_utils.TritonError.INTERNAL
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.step.name}: {exc}", code))
 
     def execute(self, requests):
         if self.step.batching:
