@@ -83,7 +83,7 @@ def export_networks(model, out_dir: Path) -> dict[str, Path]:
 
 def build_cpu(output: Path, checkpoint: str | None = None, label_set: str | None = None,
               asr_model: str = "whisper-tiny.en", asr_compute_type: str = "int8",
-              onnx_threads: int = 0, python_env: str | None = None) -> Path:
+              onnx_threads: int = 0) -> Path:
     from fv2es.model.text import tokenizer_file
 
     if asr_model != "none":
@@ -112,8 +112,6 @@ def build_cpu(output: Path, checkpoint: str | None = None, label_set: str | None
                 params.update(asr_model=asr_model, asr_compute_type=asr_compute_type, asr_device="cpu")
             if step.name == "fusion":
                 params.update(weights_id=model.weights_id, label_set=label_set)
-            if python_env:
-                params["EXECUTION_ENV_PATH"] = python_env
             policy = CPU_POLICY.get(step.name, {})
             (output / step.name / "config.pbtxt").write_text(python_step_config(
                 step, instances=policy.get("instances", 1), max_batch_size=MAX_BATCH,

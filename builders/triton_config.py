@@ -7,7 +7,7 @@ text format that Triton and `model_config_pb2` read, deterministically.
 from __future__ import annotations
 
 from fv2es_client.contract import (
-    ENSEMBLE, ENSEMBLE_INPUTS, ENSEMBLE_OUTPUTS, STEPS, TENSORS, Step,
+    ENSEMBLE, ENSEMBLE_INPUTS, ENSEMBLE_OUTPUTS, OPTIONAL_INPUTS, STEPS, TENSORS, Step,
 )
 
 
@@ -43,11 +43,13 @@ def to_pbtxt(message: dict, indent: int = 0) -> str:
     return "\n".join(line for line in lines if line)
 
 
-def tensor_entry(name: str, ragged: bool = False) -> dict:
+def tensor_entry(name: str, ragged: bool = False, optional: bool = False) -> dict:
     tensor = TENSORS[name]
     entry = {"name": name, "data_type": Enum(tensor.triton_dtype), "dims": tensor.dims()}
     if ragged and any(d == -1 for d in tensor.dims()):
         entry["allow_ragged_batch"] = True
+    if optional and name in OPTIONAL_INPUTS:
+        entry["optional"] = True
     return entry
 
 
@@ -63,7 +65,7 @@ def python_step_config(step: Step, *, instances: int, max_batch_size: int, queue
         "name": step.name,
         "backend": "python",
         "max_batch_size": max_batch_size if step.batching else 1,
-        "input": [tensor_entry(n, ragged=step.batching) for n in step.inputs],
+        "input": [tensor_entry(n, ragged=step.batching, optional=True) for n in step.inputs],
         "output": [tensor_entry(n) for n in step.outputs],
         "instance_group": [{"count": instances, "kind": Enum(kind)}],
     }
@@ -94,7 +96,7 @@ def ensemble_config(labels_file: str | None = None) -> str:
         "name": ENSEMBLE,
         "platform": "ensemble",
         "max_batch_size": 1,
-        "input": [tensor_entry(n) for n in ENSEMBLE_INPUTS],
+        "input": [tensor_entry(n, optional=True) for n in ENSEMBLE_INPUTS],
         "output": outputs,
         "ensemble_scheduling": {"step": steps},
     }

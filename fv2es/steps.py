@@ -20,8 +20,9 @@ def text_tensor(value: str) -> np.ndarray:
     return np.array([value.encode("utf-8")], dtype=object)
 
 
-def read_text(tensor: np.ndarray) -> str:
-    value = tensor.reshape(-1)[0] if tensor.size else b""
+def read_text(tensor: np.ndarray | None) -> str:
+    """A BYTES tensor's first string; an absent optional input reads as ""."""
+    value = tensor.reshape(-1)[0] if tensor is not None and tensor.size else b""
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 

@@ -52,9 +52,13 @@ class TritonPythonModel:
         self.step = build_served_step(params, version_dir)
 
     def _clip(self, request) -> dict:
-        # Every tensor carries Triton's batch axis of 1 per request: drop it.
-        return {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()[0]
-                for name in self.step.spec.inputs}
+        # Every tensor carries Triton's batch axis of 1 per request: drop it. An optional
+        # input the client left out (TRANSCRIPT) arrives as None.
+        clip = {}
+        for name in self.step.spec.inputs:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            clip[name] = None if tensor is None else tensor.as_numpy()[0]
+        return clip
 
     def _response(self, outputs: dict):
         return pb_utils.InferenceResponse(output_tensors=[

@@ -1,0 +1,225 @@
+"""DALI pipelines of the gpu profile, served by Triton's DALI backend as `model.dali` files.
+
+decode_video_dali: MEDIA_U8 (uint8 [bytes]) + FRAME_INDICES (int32 [frames]) -> FRAMES
+    (uint8 [frames, H, W, 3] RGB, longer side at most MAX_FRAME_SIDE, never enlarged).
+    Device "mixed" decodes on NVDEC (H.264, HEVC, AV1, MPEG-4, VP8, VP9, MJPEG); device
+    "cpu" decodes on host cores, which DALI 2.4 can do only for MJPEG, VP8 and VP9.
+mel_pieces: AUDIO (float32 [samples], 16 kHz mono) -> MEL_PIECES (float32 [pieces, 4, 32, 32]),
+    the cpu profile's step and tensors: torchaudio's MelSpectrogram (n_fft 400, periodic
+    Hann window 400, hop 200, 128 HTK mels without filter norm, power 2, centred with
+    reflect padding), cut into 32-frame pieces, the last zero-padded.
+
+How the request's bytes reach DALI. MEDIA is a BYTES (TYPE_STRING) tensor, which the DALI
+backend does not take (numeric tensors only), and DALI's video decoder picks frames by
+index, not by time. So the gpu profile's decode_video is a python step in front of the
+DALI model: it views MEDIA's bytes as a uint8 array (np.frombuffer, no copy), demuxes the
+container without decoding (`probe_video`, milliseconds) for the frame timestamps, picks
+the frames with the cpu profile's sampling rule (`sample_indices`), and calls
+decode_video_dali with MEDIA_U8 and FRAME_INDICES (a BLS call, so a file without a video
+stream skips DALI). It answers FRAME_TIMES, VIDEO_PRESENT and DURATION itself.
+
+nvidia.dali is imported only when a pipeline is made.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import NamedTuple
+
+import av
+import numpy as np
+from fv2es_client.contract import (
+    FRAME_INTERVAL_S, MAX_FRAME_SIDE, N_MELS, PIECE_FRAMES, SAMPLE_RATE, TENSORS, TRITON_DTYPES,
+)
+
+MEDIA_U8 = "MEDIA_U8"
+FRAME_INDICES = "FRAME_INDICES"
+# What DALI 2.4 decodes on host cores (FFmpeg codec names); anything else fails there with
+# "Failed to create video decoder" and leaves the pipeline unusable, so route it to PyAV.
+CPU_CODECS = frozenset({"mjpeg", "vp8", "vp9"})
+N_FFT = 400
+HOP = 200
+# A frame this close after an instant counts as shown at it (as in fv2es.media).
+_EPS = 1e-6
+
+# Each DALI model's I/O as (numpy dtype, Triton dims without the batch axis); outputs in the
+# pipeline's output order, which is how the DALI backend matches them to the config.
+DALI_MODELS = {
+    "decode_video_dali": {
+        "inputs": {MEDIA_U8: ("uint8", [-1]), FRAME_INDICES: ("int32", [-1])},
+        "outputs": {"FRAMES": ("uint8", TENSORS["FRAMES"].dims())},
+    },
+    "mel_pieces": {
+        "inputs": {"AUDIO": ("float32", TENSORS["AUDIO"].dims())},
+        "outputs": {"MEL_PIECES": ("float32", TENSORS["MEL_PIECES"].dims())},
+    },
+}
+
+
+def require_dali():
+    try:
+        import nvidia.dali as dali
+    except ImportError as error:
+        raise RuntimeError("NVIDIA DALI is not installed: pip install -e '.[dali]' "
+                           "(nvidia-dali-cuda120)") from error
+    return dali
+
+
+def torch_hann_window(length: int = N_FFT) -> np.ndarray:
+    """torch.hann_window(length) (periodic): DALI's default Hann differs from torchaudio's."""
+    return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(length) / length)).astype(np.float32)
+
+
+def video_pipeline(device: str = "mixed", *, max_side: int = MAX_FRAME_SIDE, batch_size: int = 8,
+                   num_threads: int = 4, device_id: int | None = None):
+    """decode_video_dali's pipeline. device_id None serialises anywhere; running "mixed" needs a GPU."""
+    dali = require_dali()
+    fn, types = dali.fn, dali.types
+    pipe = dali.Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                         output_dtype=[types.UINT8], output_ndim=[4])
+    with pipe:
+        encoded = fn.external_source(name=MEDIA_U8, dtype=types.UINT8, ndim=1)
+        indices = fn.external_source(name=FRAME_INDICES, dtype=types.INT32, ndim=1)
+        frames = fn.decoders.video(encoded, device=device, frames=indices)
+        # Scale so the longer side is at most max_side, rounded as fv2es.media does; the
+        # shape comes back on the host even for NVDEC output.
+        shape = frames.shape(dtype=types.FLOAT)
+        height, width = shape[1], shape[2]
+        scale = dali.math.min(1.0, max_side / dali.math.max(height, width))
+        size = fn.stack(dali.math.max(1.0, dali.math.floor(height * scale + 0.5)),
+                        dali.math.max(1.0, dali.math.floor(width * scale + 0.5)))
+        pipe.set_outputs(fn.resize(frames, size=size, antialias=True))
+    return pipe
+
+
+def mel_pipeline(device: str = "gpu", *, batch_size: int = 8, num_threads: int = 2,
+                 device_id: int | None = None):
+    """mel_pieces' pipeline; AUDIO arrives on the host (PyAV decodes it) and moves to the GPU here."""
+    dali = require_dali()
+    fn, types = dali.fn, dali.types
+    pipe = dali.Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                         output_dtype=[types.FLOAT], output_ndim=[4])
+    with pipe:
+        audio = fn.external_source(name="AUDIO", dtype=types.FLOAT, ndim=1)
+        if device == "gpu":
+            audio = audio.gpu()
+        # Reflect padding needs more than N_FFT / 2 samples: shorter audio is zero-padded to
+        # that first, as fv2es.features does (fn.pad leaves longer samples as they are).
+        audio = fn.pad(audio, axes=(0,), shape=(N_FFT // 2 + 1,))
+        power = fn.spectrogram(audio, nfft=N_FFT, window_length=N_FFT, window_step=HOP,
+                               window_fn=torch_hann_window().tolist(), center_windows=True,
+                               reflect_padding=True, power=2, layout="ft")
+        mel = fn.mel_filter_bank(power, sample_rate=SAMPLE_RATE, nfilter=N_MELS, mel_formula="htk",
+                                 normalize=False, freq_low=0.0, freq_high=SAMPLE_RATE / 2)
+        # [128, T] -> zero-pad T to whole pieces -> [P, 128, 32] -> each piece as [4, 32, 32].
+        # shape=1 stops fn.pad from padding to the batch's longest sample.
+        mel = fn.pad(mel, axes=(1,), align=PIECE_FRAMES, shape=(1,))
+        pieces = fn.transpose(fn.reshape(mel, shape=[N_MELS, -1, PIECE_FRAMES]), perm=[1, 0, 2])
+        pieces = fn.reshape(pieces, shape=[-1, 4, 32, 32])
+        pipe.set_outputs(pieces)
+    return pipe
+
+
+def make_pipeline(model: str, *, gpu: bool = True, batch_size: int = 8, num_threads: int = 4,
+                  device_id: int | None = None):
+    if model == "decode_video_dali":
+        return video_pipeline("mixed" if gpu else "cpu", batch_size=batch_size,
+                              num_threads=num_threads, device_id=device_id)
+    if model == "mel_pieces":
+        return mel_pipeline("gpu" if gpu else "cpu", batch_size=batch_size,
+                            num_threads=num_threads, device_id=device_id)
+    raise KeyError(f"no DALI model {model!r}; known: {sorted(DALI_MODELS)}")
+
+
+def dali_model_config(model: str, *, gpu: bool = True, max_batch_size: int = 8,
+                      queue_delay_us: int = 2000, num_threads: int = 4) -> str:
+    """config.pbtxt text for a DALI model folder; inputs are ragged (each clip its own length)."""
+    from builders.triton_config import Enum, parameters, to_pbtxt
+
+    def entries(tensors, ragged):
+        return [{"name": name, "data_type": Enum(TRITON_DTYPES[dtype]), "dims": dims,
+                 **({"allow_ragged_batch": True} if ragged else {})}
+                for name, (dtype, dims) in tensors.items()]
+
+    io_spec = DALI_MODELS[model]
+    config = {
+        "name": model,
+        "backend": "dali",
+        "max_batch_size": max_batch_size,
+        "input": entries(io_spec["inputs"], ragged=True),
+        "output": entries(io_spec["outputs"], ragged=False),
+        # One instance: the DALI backend warns that more multiply its memory.
+        "instance_group": [{"count": 1, "kind": Enum("KIND_GPU" if gpu else "KIND_CPU")}],
+        "dynamic_batching": {"max_queue_delay_microseconds": queue_delay_us},
+        "parameters": parameters({"num_threads": num_threads}),
+    }
+    return to_pbtxt(config) + "\n"
+
+
+def write_dali_model(model: str, model_dir: str | Path, *, gpu: bool = True, max_batch_size: int = 8,
+                     queue_delay_us: int = 2000, num_threads: int = 4) -> Path:
+    """MODEL_DIR/config.pbtxt and MODEL_DIR/1/model.dali; returns the model.dali path.
+
+    The backend replaces the serialised batch size, thread count and device with its own.
+    """
+    model_dir = Path(model_dir)
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    pipe = make_pipeline(model, gpu=gpu, batch_size=max_batch_size, num_threads=num_threads)
+    path = model_dir / "1" / "model.dali"
+    pipe.serialize(filename=str(path))
+    (model_dir / "config.pbtxt").write_text(
+        dali_model_config(model, gpu=gpu, max_batch_size=max_batch_size,
+                          queue_delay_us=queue_delay_us, num_threads=num_threads))
+    return path
+
+
+# --- the python step in front of decode_video_dali ------------------------------------------
+
+class VideoProbe(NamedTuple):
+    times: np.ndarray       # frame timestamps in presentation order, seconds from the start
+    end: float              # where the video stream ends (last frame + its duration)
+    duration: float         # seconds, longest stream (DURATION)
+    codec: str              # FFmpeg's name: "h264", "vp9", "mjpeg", ...
+
+
+def probe_video(media: bytes) -> VideoProbe | None:
+    """Demux without decoding; None when the file has no video stream.
+
+    Errors are PyAV's (FFmpegError). Rotation metadata is not read: PyAV exposes it only
+    on decoded frames.
+    """
+    with av.open(io.BytesIO(media), metadata_errors="ignore") as container:
+        streams = [s for s in container.streams.video
+                   if not s.disposition & av.stream.Disposition.attached_pic]   # cover art
+        if not streams:
+            return None
+        stream = streams[0]
+        origin = container.start_time / 1e6 if container.start_time is not None else 0.0
+        times, ends = [], [0.0]
+        for packet in container.demux():
+            stamp = packet.pts if packet.pts is not None else packet.dts
+            if stamp is None or packet.time_base is None:
+                continue
+            start = float(stamp * packet.time_base) - origin
+            ends.append(start + float((packet.duration or 0) * packet.time_base))
+            if packet.stream is stream and packet.size:
+                times.append((start, float((packet.duration or 0) * packet.time_base)))
+        if not times:
+            raise ValueError("video stream has no timestamped frames")
+        times.sort()
+        last, last_duration = times[-1]
+        if not last_duration and stream.average_rate:
+            last_duration = float(1 / stream.average_rate)
+        declared = container.duration / 1e6 if container.duration is not None else max(ends)
+        return VideoProbe(np.array([t for t, _ in times]), last + last_duration, declared,
+                          stream.codec_context.name)
+
+
+def sample_indices(frame_times: np.ndarray, video_end: float,
+                   interval: float = FRAME_INTERVAL_S) -> tuple[np.ndarray, np.ndarray]:
+    """(frame indices int32, instants float32): fv2es.media's rule, the frame on screen at
+    each instant k * interval before the video ends (the first frame before it starts)."""
+    end = max(video_end, frame_times[-1] + _EPS)
+    instants = np.arange(int(np.ceil((end - _EPS) / interval))) * interval
+    indices = np.searchsorted(frame_times, instants + _EPS, side="right") - 1
+    return np.maximum(indices, 0).astype(np.int32), instants.astype(np.float32)
