@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml client/pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	bash scripts/install_system_deps.sh
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e client -e '.[dev,asr]'
+	$(BIN)/python -m pip install --quiet -e client -e '.[dev,asr,dali]'
 	touch $@
 
 setup: $(BIN)/.installed
