@@ -1,0 +1,1 @@
+"""Builders: turn a model into served artefacts (ONNX files, the Triton model repository)."""

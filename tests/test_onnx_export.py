@@ -1,0 +1,78 @@
+"""ONNX export: every network of the contract, with dynamic axes, matches PyTorch at sizes
+other than the ones it was exported with.
+
+Tolerance: |onnx - torch| <= 1e-5 + 1e-4 * |torch| elementwise (atol 1e-5 for logits and
+probabilities of order 1).
+"""
+import onnx
+import pytest
+import torch
+from fv2es_client.contract import NETWORKS
+
+from builders.export_onnx import DUMMY_AXIS_SIZES, check_parity, dummy_inputs, export_network
+from fv2es.checkpoint import default_model
+from fv2es.mtcnn import ONet, PNet, RNet
+
+RTOL, ATOL = 1e-4, 1e-5
+
+# Two runs per network, each differing from the export's batch 2 and DUMMY_AXIS_SIZES.
+RUNS = {
+    "visual": [dict(batch=1, frames=5), dict(batch=3, frames=2)],
+    "audio": [dict(batch=1, pieces=3), dict(batch=3, pieces=1)],   # NesT: ~11 GFLOP a piece
+    "text": [dict(batch=1, tokens=12), dict(batch=3, tokens=4)],
+    "fusion": [dict(batch=1), dict(batch=5)],
+    "pnet": [dict(batch=1, height=30, width=44), dict(batch=3, height=64, width=50)],
+    "rnet": [dict(batch=1), dict(batch=7)],
+    "onet": [dict(batch=1), dict(batch=4)],
+}
+
+
+@pytest.fixture(scope="module")
+def networks():
+    model = default_model()
+    torch.manual_seed(0)
+    mtcnn = {"pnet": PNet(), "rnet": RNet(), "onet": ONet()}
+    return {"visual": model.visual_net(), "audio": model.audio_net(), "text": model.text_net(),
+            "fusion": model.fusion_net(), **{name: net.eval() for name, net in mtcnn.items()}}
+
+
+def test_runs_differ_from_export_sizes():
+    for runs in RUNS.values():
+        for run in runs:
+            assert run["batch"] != 2
+            assert all(run[axis] != DUMMY_AXIS_SIZES[axis] for axis in run if axis != "batch")
+
+
+def declared_dims(value_info) -> list:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_export_matches_torch(networks, tmp_path, name):
+    path = export_network(networks[name], name, tmp_path / f"{name}.onnx")
+    graph = onnx.load(str(path)).graph
+    spec = NETWORKS[name]
+    declared = {**spec["inputs"], **spec["outputs"]}
+    for value in [*graph.input, *graph.output]:
+        assert declared_dims(value) == list(declared[value.name][1]), value.name
+    for seed, sizes in enumerate(RUNS[name], start=1):
+        check_parity(networks[name], path, dummy_inputs(name, seed=seed, **sizes), rtol=RTOL, atol=ATOL)
+
+
+def test_export_is_deterministic(networks, tmp_path):
+    first = export_network(networks["visual"], "visual", tmp_path / "a.onnx").read_bytes()
+    second = export_network(networks["visual"], "visual", tmp_path / "b.onnx").read_bytes()
+    assert first == second
+
+
+def test_parity_check_catches_a_difference(networks, tmp_path):
+    path = export_network(networks["fusion"], "fusion", tmp_path / "fusion.onnx")
+    model = networks["fusion"].model
+    with torch.no_grad():
+        model.weighted_fusion.weight.add_(0.1)
+    try:
+        with pytest.raises(AssertionError, match="logits"):
+            check_parity(networks["fusion"], path, dummy_inputs("fusion"))
+    finally:
+        with torch.no_grad():
+            model.weighted_fusion.weight.sub_(0.1)
