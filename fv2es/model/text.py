@@ -62,6 +62,9 @@ def load_backbone(config, pretrained: bool):
     architecture only (a checkpoint supplies the weights).
     """
     from transformers import AutoConfig, AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()   # a "Loading weights" bar on every start is noise
 
     path = backbone_dir(config)
     if not (path / "config.json").is_file():
