@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 REPO ?= model_repository
 CHECKPOINT ?=
+TEXT_BACKBONE ?=
+LABEL_SET ?=
 GRPC_PORT ?= 8001
 HTTP_PORT ?= 8000
 METRICS_PORT ?= 8002
@@ -24,7 +26,9 @@ setup: $(BIN)/.installed
 
 # The cpu profile of the model repository, from CHECKPOINT (default: untrained seeded weights).
 repository: setup
-	$(BIN)/python -m builders.build_repository --profile cpu --output $(REPO) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+	$(BIN)/python -m builders.build_repository --profile cpu --output $(REPO) \
+		$(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(TEXT_BACKBONE),--text-backbone $(TEXT_BACKBONE)) \
+		$(if $(LABEL_SET),--label-set $(LABEL_SET))
 
 serve: setup
 	test -f $(REPO)/fv2es/config.pbtxt || $(MAKE) repository

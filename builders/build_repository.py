@@ -55,12 +55,12 @@ WARMUPS = {
 }
 
 
-def load_model(checkpoint: str | None, label_set: str | None):
+def load_model(checkpoint: str | None, label_set: str | None, text_backbone: str | None = None):
     from fv2es.checkpoint import default_model, load_checkpoint
     from fv2es.model.fv2es import ModelConfig
 
     if checkpoint:
-        model = load_checkpoint(checkpoint)
+        model = load_checkpoint(checkpoint, text_backbone, label_set)
     else:
         model = default_model(ModelConfig(label_set=label_set) if label_set else None)
     model.eval()
@@ -82,6 +82,7 @@ def export_networks(model, out_dir: Path) -> dict[str, Path]:
 
 
 def build_cpu(output: Path, checkpoint: str | None = None, label_set: str | None = None,
+              text_backbone: str | None = None,
               asr_model: str = "whisper-tiny.en", asr_compute_type: str = "int8",
               onnx_threads: int = 0) -> Path:
     from fv2es.model.text import tokenizer_file
@@ -90,7 +91,7 @@ def build_cpu(output: Path, checkpoint: str | None = None, label_set: str | None
         from fv2es.asr import Transcriber
 
         Transcriber(asr_model, compute_type=asr_compute_type)   # a clear build error now, not at serve time
-    model = load_model(checkpoint, label_set)
+    model = load_model(checkpoint, label_set, text_backbone)
     label_set = model.config.label_set
     if output.exists():
         shutil.rmtree(output)
@@ -136,13 +137,16 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", choices=["cpu"], default="cpu")
     parser.add_argument("--output", type=Path, default=Path("model_repository"))
     parser.add_argument("--checkpoint", help="our checkpoint dir/file or the authors' state dict")
-    parser.add_argument("--label-set", choices=sorted(LABEL_SETS), help="for the untrained default model")
+    parser.add_argument("--label-set", choices=sorted(LABEL_SETS),
+                        help="the classes (untrained default model, or the authors' checkpoint)")
+    parser.add_argument("--text-backbone", help="the authors' checkpoint: folder with ALBERT-base-v2's "
+                        "config.json and tokenizer.json")
     parser.add_argument("--asr-model", default="whisper-tiny.en", help="'none' to use request transcripts only")
     parser.add_argument("--asr-compute-type", default="int8")
     parser.add_argument("--onnx-threads", type=int, default=0, help="per ONNX Runtime session; 0 = all cores")
     args = parser.parse_args(argv)
     try:
-        out = build_cpu(args.output, args.checkpoint, args.label_set, args.asr_model,
+        out = build_cpu(args.output, args.checkpoint, args.label_set, args.text_backbone, args.asr_model,
                         args.asr_compute_type, args.onnx_threads)
     except (RuntimeError, ValueError, OSError) as exc:
         print(f"build failed: {exc}", file=sys.stderr)
