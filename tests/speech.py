@@ -6,6 +6,7 @@ robotic but fixed, so a recogniser's word error rate on it is a stable check.
 from __future__ import annotations
 
 import itertools
+import re
 import shutil
 import subprocess
 import tempfile
@@ -30,6 +31,7 @@ LONG_SENTENCES = (
     "My sister is coming to visit us next month with her two children.",
     "Thank you all for your patience, I will see you tomorrow.",
 )
+MAX_WER = 0.35          # the issue's bar for recognised speech
 SPEED_WPM = 140         # espeak-ng words per minute: fixed, so clips are reproducible
 PAUSE_S = 1.5           # silence between sentences in the long clip
 FPS = 10
@@ -119,3 +121,14 @@ def read_audio(path: Path) -> np.ndarray:
             chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
     chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
     return np.concatenate(chunks).astype(np.float32)
+
+
+def normalise(text: str) -> str:
+    """Lower case, no punctuation: WER should count words, not commas."""
+    return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split())
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    import jiwer
+
+    return jiwer.wer(normalise(reference), normalise(hypothesis))

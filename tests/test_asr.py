@@ -1,23 +1,9 @@
 """Speech recognition for the text modality (fv2es.asr) on synthesised speech in mp4 clips."""
-import re
-
-import jiwer
 import numpy as np
 import pytest
 
 from fv2es import asr
-from speech import long_speech_clip, read_audio, silent_clip, speech_clip
-
-MAX_WER = 0.35
-
-
-def normalise(text: str) -> str:
-    """Lower case, no punctuation: WER should count words, not commas."""
-    return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split())
-
-
-def wer(reference: str, hypothesis: str) -> float:
-    return jiwer.wer(normalise(reference), normalise(hypothesis))
+from speech import MAX_WER, long_speech_clip, read_audio, silent_clip, speech_clip, wer
 
 
 @pytest.fixture(scope="module")

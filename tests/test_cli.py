@@ -22,6 +22,17 @@ def test_predict_json_on_a_real_clip(face_clip):
     assert set(answer["timings_s"]) >= {"decode_video", "detect_faces", "audio_encoder", "fusion"}
 
 
+def test_predict_recognises_speech(tmp_path):
+    from speech import MAX_WER, speech_clip, wer
+
+    clip, spoken = speech_clip(tmp_path)
+    out = fv2es(clip, "--json")
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)
+    assert answer["transcript_source"] == "recognition" and answer["modality_present"]["text"]
+    assert wer(spoken, answer["transcript"]) < MAX_WER, answer["transcript"]
+
+
 def test_missing_modalities_degrade_with_flags(audio_only_clip, video_only_clip):
     audio_only = fv2es(audio_only_clip, "--json", "--asr", "none")
     assert audio_only.returncode == 0, audio_only.stderr

@@ -108,6 +108,18 @@ def test_served_matches_in_process(client, predictor, face_clip, noface_clip, vi
             assert getattr(served, field) == getattr(local, field), (name, field)
 
 
+def test_speech_is_recognised_when_no_transcript_is_sent(client, predictor, tmp_path):
+    from speech import MAX_WER, speech_clip, wer
+
+    clip, spoken = speech_clip(tmp_path)
+    served = client.predict(clip)
+    assert served.transcript_source == "recognition" and served.text_present
+    assert wer(spoken, served.transcript) < MAX_WER, served.transcript
+    local = Prediction.from_outputs(predictor.predict(clip).tensors)
+    assert local.transcript == served.transcript
+    np.testing.assert_allclose(served.probabilities, local.probabilities, rtol=RTOL, atol=ATOL)
+
+
 def test_degraded_inputs_are_flagged(client, noface_clip, video_only_clip, audio_only_clip):
     no_face = client.predict(noface_clip)
     assert not any(no_face.faces_found) and no_face.video_present
