@@ -53,6 +53,12 @@ def server_files() -> ServerFiles:
     if ctypes.util.find_library(f"python{py}") is None:
         raise RuntimeError(f"the Triton python backend stub needs libpython{py}.so.1.0, which is not installed "
                            f"(Debian/Ubuntu: apt-get install libpython{py})")
+    import numpy
+
+    if int(numpy.__version__.split(".")[0]) >= 2:
+        # The 2.51 stub's BYTES deserialisation aborts under numpy 2 ("Stub process is not healthy").
+        raise RuntimeError(f"the Triton 2.51 python backend needs numpy<2 in {sys.prefix}, "
+                           f"found {numpy.__version__}: pip install 'numpy<2'")
     backends = cache_dir() / "triton" / f"backends-py{py}"
     if not (backends / "python" / "triton_python_backend_stub").exists():
         _build_backends(backends, server / "backends" / "python", stub)
