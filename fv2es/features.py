@@ -82,7 +82,7 @@ def mel_pieces(audio: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pieces).reshape(count, 4, 32, 32)
 
 
-def _area_weights(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
+def area_weights(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
     """0/1 matrix [size_out, size_in] of each output cell's input span, and span lengths.
 
     The spans are torch's adaptive average pooling ones (interpolate mode="area"):
@@ -102,13 +102,13 @@ def area_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     Sums are taken with 0/1 weights and divided once, so a mean that is a whole number
     comes out exact (facenet truncates the result to uint8 next).
     """
-    rows, row_counts = _area_weights(image.shape[0], height)
-    cols, col_counts = _area_weights(image.shape[1], width)
+    rows, row_counts = area_weights(image.shape[0], height)
+    cols, col_counts = area_weights(image.shape[1], width)
     sums = np.einsum("ih,hwc,jw->ijc", rows, image.astype(np.float64), cols, optimize=True)
     return sums / (row_counts[:, None, None] * col_counts[None, :, None])
 
 
-def _face_box(box, frame_height: int, frame_width: int) -> tuple[int, int, int, int]:
+def face_box(box, frame_height: int, frame_width: int) -> tuple[int, int, int, int]:
     """facenet_pytorch's extract_face box: margin, clamp, int(); at least one pixel."""
     size = contract.FACE_SIZE
     x1, y1, x2, y2 = (float(v) for v in box)
@@ -150,7 +150,7 @@ def crop_faces(frames: np.ndarray, boxes: np.ndarray, scores: np.ndarray) -> np.
     faces = np.empty((count, size, size, 3), np.float64)
     for i in range(count):
         if scores[i] > 0:
-            left, top, right, bottom = _face_box(boxes[i], height, width)
+            left, top, right, bottom = face_box(boxes[i], height, width)
             faces[i] = np.floor(area_resize(frames[i, top:bottom, left:right], size, size))
         else:
             faces[i] = _centre_patch(frames[i])

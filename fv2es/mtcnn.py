@@ -202,7 +202,7 @@ def _propose(integral, run_net):
     """P-Net over the scale pyramid -> calibrated square candidates."""
     height, width = integral.shape[1] - 1, integral.shape[2] - 1
     found = []
-    for scale in _pyramid_scales(height, width):
+    for scale in pyramid_scales(height, width):
         images = _resize_frames(integral, int(height * scale + 1), int(width * scale + 1))
         offsets, probs = run_net("pnet", _normalise(images))[:2]
         frame_idx, row, col = np.nonzero(probs[:, 1] >= THRESHOLDS[0])
@@ -212,13 +212,13 @@ def _propose(integral, run_net):
             np.floor((2 * corner + 1) / scale), np.floor((2 * corner + 12) / scale),
             probs[frame_idx, 1, row, col][:, None], offsets[frame_idx, :, row, col],
         ], axis=1)
-        keep = _nms(boxes, frame_idx, 0.5)
+        keep = nms(boxes, frame_idx, 0.5)
         found.append((boxes[keep], frame_idx[keep]))
     if not found:   # frame smaller than one 12 px window at the first scale
         return np.zeros((0, 9), np.float32), np.zeros(0, np.int64)
     boxes = np.concatenate([b for b, _ in found])
     frame_idx = np.concatenate([f for _, f in found])
-    keep = _nms(boxes, frame_idx, 0.7)
+    keep = nms(boxes, frame_idx, 0.7)
     boxes, frame_idx = boxes[keep], frame_idx[keep]
     size = np.concatenate([boxes[:, 2:4] - boxes[:, 0:2]] * 2, axis=1)
     calibrated = np.concatenate([boxes[:, :4] + boxes[:, 5:9] * size, boxes[:, 4:5]], axis=1)
@@ -235,7 +235,7 @@ def _refine(integral, boxes, frame_idx, run_net):
     passed = probs[:, 1] > THRESHOLDS[1]
     boxes = np.concatenate([boxes[passed, :4], probs[passed, 1:2]], axis=1)
     offsets, frame_idx = offsets[passed], frame_idx[passed]
-    keep = _nms(boxes, frame_idx, 0.7)
+    keep = nms(boxes, frame_idx, 0.7)
     return _square(_regress(boxes[keep], offsets[keep])), frame_idx[keep]
 
 
@@ -249,11 +249,11 @@ def _output(integral, boxes, frame_idx, run_net):
     passed = probs[:, 1] > THRESHOLDS[2]
     boxes = np.concatenate([boxes[passed, :4], probs[passed, 1:2]], axis=1)
     boxes, frame_idx = _regress(boxes, offsets[passed]), frame_idx[passed]
-    keep = _nms(boxes, frame_idx, 0.7, over_smaller=True)
+    keep = nms(boxes, frame_idx, 0.7, over_smaller=True)
     return boxes[keep], frame_idx[keep]
 
 
-def _pyramid_scales(height, width):
+def pyramid_scales(height, width):
     # Scale so the smallest face (MIN_FACE_SIZE) fills P-Net's 12 px window, then shrink
     # until the image's short side drops below 12 px.
     scale = 12.0 / MIN_FACE_SIZE
@@ -283,7 +283,7 @@ def _square(boxes):
     return np.stack([x1, y1, x1 + side, y1 + side, boxes[:, 4]], axis=1)
 
 
-def _nms(boxes, groups, threshold, over_smaller=False):
+def nms(boxes, groups, threshold, over_smaller=False):
     """Greedy non-maximum suppression within each group (frame, or frame and scale).
 
     Overlap is IoU with areas (x2-x1)*(y2-y1), as torchvision's nms; with over_smaller,

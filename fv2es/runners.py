@@ -22,7 +22,7 @@ def output_names(network: str) -> list[str]:
 class TorchRunner:
     """Runs torch modules (eval mode, no grad) whose forward takes the contract's inputs in order."""
 
-    def __init__(self, modules: Mapping[str, "torch.nn.Module"], device: str = "cpu"):
+    def __init__(self, modules: Mapping[str, object], device: str = "cpu"):  # torch.nn.Modules
         import torch
 
         self._torch = torch

@@ -13,13 +13,14 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from fv2es_client.contract import ENSEMBLE, NETWORKS, SAMPLE_RATE, STEPS, TENSORS, TRITON_DTYPES
+from fv2es_client.contract import ENSEMBLE, NETWORKS, STEPS, TENSORS, TRITON_DTYPES
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
@@ -326,7 +327,7 @@ def test_batched_nms_matches_the_numpy_reference(over_smaller):
                             rng.uniform(0, 1, (400, 1)).astype(np.float32)], axis=1)
     groups = rng.integers(0, 6, 400)
     boxes[:10, 4] = 0.5     # ties keep the input order
-    want = mtcnn._nms(boxes, groups, 0.5, over_smaller)
+    want = mtcnn.nms(boxes, groups, 0.5, over_smaller)
     got = gpu_steps.batched_nms(torch.from_numpy(boxes), torch.from_numpy(groups), 0.5, over_smaller)
     assert 0 < len(want) < 400
     np.testing.assert_array_equal(got.numpy(), want)
@@ -380,7 +381,7 @@ def test_routing_sends_what_nvdec_cannot_take_to_the_host(tmp_path, audio_only_c
     assert decode(step, face_clip)["FRAMES"].shape == (6, 360, 640, 3)      # H.264 is not in its codecs
     assert not decode(step, audio_only_clip)["VIDEO_PRESENT"][0]
     path, message = bad_media["random_bytes"]
-    with pytest.raises(media.MediaError, match=message):
+    with pytest.raises(media.MediaError, match=re.escape(message)):
         decode(step, path)
     assert not nvdec.calls
 
@@ -391,7 +392,8 @@ def test_a_failed_nvdec_decode_falls_back_to_the_host(tmp_path, face_clip):
 
 
 def test_display_turns_read_the_rotation(tmp_path):
-    for rotation, turns in ((0, 0), (90, 1), (270, 3)):
+    # ROTATION is clockwise (the phone's 'rotate' tag); turns are counter-clockwise (np.rot90's).
+    for rotation, turns in ((0, 0), (90, 3), (270, 1)):
         path = media_factory.make_clip(tmp_path / f"r{rotation}.mp4", "mp4", "libx264", None, 0.5,
                                        size=(64, 48), rotation=rotation)
         assert gpu_steps.display_turns(path.read_bytes()) == turns
@@ -408,12 +410,15 @@ def served(built):
 
     repository = built("python-cpu-torch")
     http, grpc, metrics = free_ports(3)
-    with TritonServer(repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
-                      model_control_mode="explicit") as triton:
+    triton = TritonServer(repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
+                          model_control_mode="explicit").start()
+    try:
         admin = grpcclient.InferenceServerClient(triton.grpc_url)
         for name in [s.name for s in STEPS] + [ENSEMBLE]:
             admin.load_model(name)
         yield triton
+    finally:
+        triton.stop()
 
 
 @pytest.mark.server

@@ -11,7 +11,7 @@ import skimage.data
 import torch
 from fv2es_client.contract import NETWORKS
 
-from fv2es.mtcnn import (_nms, detect_all_faces, detect_faces, detect_faces_per_frame,
+from fv2es.mtcnn import (nms, detect_all_faces, detect_faces, detect_faces_per_frame,
                          load_mtcnn_nets, torch_runner)
 
 # Face regions judged by eye on grid-lined crops (x1, y1, x2, y2).
@@ -158,12 +158,12 @@ def test_nms_keeps_groups_apart():
     # Box, score: two frames hold the same two overlapping boxes plus a distant one.
     rows = np.array([[0, 0, 10, 10, 0.9], [1, 1, 11, 11, 0.8], [50, 50, 60, 60, 0.7]], np.float32)
     boxes = np.concatenate([rows, rows])
-    keep = _nms(boxes, np.array([0, 0, 0, 1, 1, 1]), 0.5)
+    keep = nms(boxes, np.array([0, 0, 0, 1, 1, 1]), 0.5)
     assert keep.tolist() == [0, 2, 3, 5]
     # Intersection over the smaller box suppresses a box nested in a bigger one; IoU does not.
     nested = np.array([[0, 0, 20, 20, 0.9], [5, 5, 12, 12, 0.8]], np.float32)
-    assert _nms(nested, np.zeros(2, int), 0.7).tolist() == [0, 1]
-    assert _nms(nested, np.zeros(2, int), 0.7, over_smaller=True).tolist() == [0]
+    assert nms(nested, np.zeros(2, int), 0.7).tolist() == [0, 1]
+    assert nms(nested, np.zeros(2, int), 0.7, over_smaller=True).tolist() == [0]
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")   # the TorchScript exporter's notice

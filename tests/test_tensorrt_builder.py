@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2
 
 from builders import tensorrt as trtb
-from fv2es.mtcnn import DETECT_MAX_SIDE, _pyramid_scales
+from fv2es.mtcnn import DETECT_MAX_SIDE, pyramid_scales
 from fv2es_client.contract import AXES, NETWORKS, TRITON_DTYPES
 
 GPU = "NVIDIA H100 PCIe"
@@ -48,7 +48,7 @@ def test_pnet_profile_covers_every_pyramid_level():
     low, _opt, high = trtb.profile_shapes("pnet")["image"]
     sizes = set()
     for height, width in [(640, 640), (360, 640), (640, 360), (480, 640), (20, 640), (21, 21), (13, 400)]:
-        for scale in _pyramid_scales(height, width):
+        for scale in pyramid_scales(height, width):
             sizes.add((int(height * scale + 1), int(width * scale + 1)))
     assert all(low[2] <= h <= high[2] and low[3] <= w <= high[3] for h, w in sizes)
     # The largest level is the first one of a square frame at the detector's size: no slack.

@@ -49,7 +49,11 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.step = build_served_step(params, version_dir)
+        self.step = self.build_step(params, version_dir, args)
+
+    def build_step(self, params: dict[str, str], version_dir: Path, args: dict):
+        """The step this model runs; the gpu profile's adapter overrides this."""
+        return build_served_step(params, version_dir)
 
     def _clip(self, request) -> dict:
         # Every tensor carries Triton's batch axis of 1 per request: drop it. An optional

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.error
@@ -80,7 +81,12 @@ def _build_backends(target: Path, python_backend: Path, stub: Path) -> None:
 def server_env(files: ServerFiles) -> dict:
     """The environment the server and its python stubs need."""
     env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(files.libs), env.get("LD_LIBRARY_PATH")]))
+    # The stub embeds whichever libpython the loader finds first: put this interpreter's own
+    # first, or a system libpython of another patch release runs our standard library
+    # (seen: importing transformers fails with "_ssl: undefined symbol _PyModule_Add").
+    own_libpython = sysconfig.get_config_var("LIBDIR") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [own_libpython, str(files.libs),
+                                                           env.get("LD_LIBRARY_PATH")]))
     bindir = Path(sys.executable).parent
     if not (bindir / "python3").exists():
         raise RuntimeError(f"the python stub runs the first python3 on PATH, but {bindir} has none; "

@@ -1,0 +1,548 @@
+"""GPU variants of the served graph's steps (the gpu profile), same names and tensors as
+fv2es.steps.
+
+Between decoding and the encoders every image, spectrogram and network tensor is a torch
+tensor on the step's device; the python-backend adapter (fv2es.serving.python_model_gpu)
+passes them from step to step by DLPack, so no pixels or features come back to the host.
+What does cross, and why:
+- detect_faces: the candidate counts of each MTCNN stage (torch.nonzero sizes the next
+  batch) and one flag per NMS round; no pixels, scores or boxes.
+- crop_faces: FACE_BOXES and FACE_SCORES (5 floats a frame) to plan each frame's crop.
+- the per-modality logits, at fusion, which runs on the host: they are part of the
+  response anyway, and a Linear(3 -> 1) is not worth a GPU.
+
+The MTCNN, crop and mel code mirrors the numpy reference (fv2es.mtcnn, fv2es.features)
+operation for operation, so on the same device it gives the same numbers (the tests
+compare them on CPU); every step runs on device "cpu" too.
+"""
+from __future__ import annotations
+
+import fcntl
+import io
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from fv2es_client.contract import FACE_MEAN, FACE_SIZE, FACE_STD, MAX_MEDIA_BYTES, N_MELS, PIECE_FRAMES
+
+from fv2es import features, steps
+from fv2es.gpu.dali_pipelines import (
+    CPU_CODECS, FRAME_INDICES, MEDIA_U8, probe_video, require_dali, sample_indices,
+)
+from fv2es.mtcnn import DETECT_MAX_SIDE, THRESHOLDS, pyramid_scales
+
+log = logging.getLogger(__name__)
+
+# What the DALI "mixed" video decoder (NVDEC) takes, by FFmpeg codec name.
+NVDEC_CODECS = frozenset({"h264", "hevc", "av1", "mpeg4", "vp8", "vp9", "mjpeg"})
+
+
+def pad_stack(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """fv2es.steps.pad_stack for torch tensors: [B, longest, ...] zero-padded, and the mask."""
+    longest = max(1, max(len(t) for t in tensors))
+    stacked = tensors[0].new_zeros((len(tensors), longest) + tuple(tensors[0].shape[1:]))
+    mask = torch.zeros((len(tensors), longest), dtype=torch.bool, device=tensors[0].device)
+    for i, t in enumerate(tensors):
+        stacked[i, :len(t)] = t
+        mask[i, :len(t)] = True
+    return stacked, mask
+
+
+# --- MTCNN on torch: fv2es.mtcnn's algorithm, step for step ---------------------------------
+# Integral images are int32: 255 * 1280 * 1280 (the largest frame) fits, and bin sums are
+# exact as in the numpy reference's uint32.
+
+def _group_order(groups: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """np.lexsort((key, groups)): by group, then ascending key, ties in input order."""
+    by_key = torch.sort(key, stable=True).indices
+    return by_key[torch.sort(groups[by_key], stable=True).indices]
+
+
+def batched_nms(boxes: torch.Tensor, groups: torch.Tensor, threshold: float,
+                over_smaller: bool = False) -> torch.Tensor:
+    """fv2es.mtcnn.nms on torch: greedy NMS within each group, all groups a round at a time.
+
+    Returns the kept indices, ordered by group, then descending score (boxes[:, 4]).
+    """
+    if len(boxes) == 0:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
+    order = _group_order(groups, -boxes[:, 4])
+    _, group_row, group_size = torch.unique(groups[order], return_inverse=True, return_counts=True)
+    slot = torch.arange(len(order), device=boxes.device) - torch.repeat_interleave(
+        torch.cumsum(group_size, 0) - group_size, group_size)
+    padded = boxes.new_zeros((len(group_size), int(group_size.max()), 4))
+    padded[group_row, slot] = boxes[order, :4]
+    alive = torch.zeros(padded.shape[:2], dtype=torch.bool, device=boxes.device)
+    alive[group_row, slot] = True
+    kept = torch.zeros_like(alive)
+
+    pixel = 1.0 if over_smaller else 0.0
+    x1, y1, x2, y2 = padded.unbind(2)
+    area = (x2 - x1 + pixel) * (y2 - y1 + pixel)
+    rows = torch.arange(len(group_size), device=boxes.device)
+    while alive.any():      # one host sync a round; rounds = most boxes kept in one group
+        has = alive.any(dim=1)
+        best = alive.to(torch.uint8).argmax(dim=1)      # first alive = highest score
+        kept[rows, best] |= has
+        alive[rows, best] = False
+        bx1, by1, bx2, by2, best_area = (a[rows, best][:, None] for a in (x1, y1, x2, y2, area))
+        inter = ((torch.minimum(bx2, x2) - torch.maximum(bx1, x1) + pixel).clamp(min=0)
+                 * (torch.minimum(by2, y2) - torch.maximum(by1, y1) + pixel).clamp(min=0))
+        if over_smaller:
+            overlap = inter / torch.minimum(best_area, area)
+        else:
+            overlap = inter / (best_area + area - inter)
+        alive &= ~(overlap > threshold)
+    return order[kept[group_row, slot]]
+
+
+def _integral_images(frames: torch.Tensor) -> torch.Tensor:
+    count, height, width = frames.shape[:3]
+    integral = torch.zeros((count, height + 1, width + 1, 3), dtype=torch.int32, device=frames.device)
+    integral[:, 1:, 1:] = frames.cumsum(1, dtype=torch.int32).cumsum(2, dtype=torch.int32)
+    return integral
+
+
+def _bins(start: torch.Tensor, span: torch.Tensor, size: int):
+    i = torch.arange(size, device=start.device)
+    lo = start[:, None] + i * span[:, None] // size
+    hi = start[:, None] + ((i + 1) * span[:, None] + size - 1) // size
+    return lo, hi
+
+
+def _resize_frames(integral: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    zero = torch.zeros(1, dtype=torch.long, device=integral.device)
+    lo_r, hi_r = (b[0] for b in _bins(zero, zero + integral.shape[1] - 1, height))
+    lo_c, hi_c = (b[0] for b in _bins(zero, zero + integral.shape[2] - 1, width))
+    rows = integral.index_select(1, hi_r) - integral.index_select(1, lo_r)
+    sums = rows.index_select(2, hi_c) - rows.index_select(2, lo_c)
+    counts = (hi_r - lo_r)[:, None] * (hi_c - lo_c)[None, :]
+    return sums.float() / counts[None, :, :, None].float()
+
+
+def _crops(integral: torch.Tensor, boxes: torch.Tensor, frame_idx: torch.Tensor, size: int):
+    height, width = integral.shape[1] - 1, integral.shape[2] - 1
+    x1, y1, x2, y2 = torch.trunc(boxes[:, :4]).long().T
+    left, top = x1.clamp(min=1) - 1, y1.clamp(min=1) - 1
+    right, bottom = x2.clamp(max=width), y2.clamp(max=height)
+    ok = (right > left) & (bottom > top)
+    left, top, right, bottom, frame_idx = left[ok], top[ok], right[ok], bottom[ok], frame_idx[ok]
+    lo_r, hi_r = _bins(top, bottom - top, size)
+    lo_c, hi_c = _bins(left, right - left, size)
+    f = frame_idx[:, None, None]
+
+    def corner(r, c):
+        return integral[f, r[:, :, None], c[:, None, :]]
+    sums = corner(hi_r, hi_c) - corner(lo_r, hi_c) - corner(hi_r, lo_c) + corner(lo_r, lo_c)
+    counts = (hi_r - lo_r)[:, :, None] * (hi_c - lo_c)[:, None, :]
+    return sums.float() / counts[..., None].float(), ok
+
+
+def _downscale(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    return torch.stack([torch.round(_resize_frames(_integral_images(frame[None]), height, width)[0])
+                        .to(torch.uint8) for frame in frames])
+
+
+def _normalise(images: torch.Tensor) -> torch.Tensor:
+    return ((images - 127.5) * 0.0078125).permute(0, 3, 1, 2).contiguous()
+
+
+def _regress(boxes, offsets):
+    size = boxes[:, 2:4] - boxes[:, 0:2] + 1
+    corrected = boxes[:, :4] + offsets * torch.cat([size, size], dim=1)
+    return torch.cat([corrected, boxes[:, 4:5]], dim=1)
+
+
+def _square(boxes):
+    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    w, h = x2 - x1, y2 - y1
+    side = torch.maximum(w, h)
+    x1 = x1 + w * 0.5 - side * 0.5
+    y1 = y1 + h * 0.5 - side * 0.5
+    return torch.stack([x1, y1, x1 + side, y1 + side, boxes[:, 4]], dim=1)
+
+
+class TorchMTCNN:
+    """fv2es.mtcnn.detect_faces with the frames, the nets and every candidate on one device."""
+
+    def __init__(self, nets: dict[str, torch.nn.Module], max_side: int | None = DETECT_MAX_SIDE):
+        self.nets = nets
+        self.max_side = max_side
+
+    def _run(self, name, images):
+        # fp32 without TF32: the stage thresholds must see the reference's scores.
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            return self.nets[name](_normalise(images))
+
+    @torch.inference_mode()
+    def detect_faces(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The largest face of each frame: (boxes float32 [F, 4], scores float32 [F]), 0 where none."""
+        boxes, scores, frame_idx = self.detect_all_faces(frames)
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        order = _group_order(frame_idx, -area)
+        ordered = frame_idx[order]
+        first = torch.ones_like(ordered, dtype=torch.bool)
+        first[1:] = ordered[1:] != ordered[:-1]
+        chosen = order[first]
+        out_boxes = torch.zeros((len(frames), 4), dtype=torch.float32, device=frames.device)
+        out_scores = torch.zeros(len(frames), dtype=torch.float32, device=frames.device)
+        out_boxes[frame_idx[chosen]] = boxes[chosen]
+        out_scores[frame_idx[chosen]] = scores[chosen]
+        return out_boxes, out_scores
+
+    def detect_all_faces(self, frames: torch.Tensor):
+        device = frames.device
+        count, height, width = frames.shape[:3]
+        empty = (torch.zeros((0, 4), device=device), torch.zeros(0, device=device),
+                 torch.zeros(0, dtype=torch.long, device=device))
+        if count == 0:
+            return empty
+        if self.max_side and max(height, width) > self.max_side:
+            shrink = self.max_side / max(height, width)
+            frames = _downscale(frames, max(1, round(height * shrink)), max(1, round(width * shrink)))
+        integral = _integral_images(frames)
+        boxes, frame_idx = self._propose(integral)
+        if len(boxes):
+            boxes, frame_idx = self._refine(integral, boxes, frame_idx)
+        if len(boxes):
+            boxes, frame_idx = self._output(integral, boxes, frame_idx)
+        to_frame = torch.tensor([width / frames.shape[2], height / frames.shape[1]] * 2, device=device)
+        return boxes[:, :4] * to_frame, boxes[:, 4].clone(), frame_idx
+
+    def _propose(self, integral):
+        height, width = integral.shape[1] - 1, integral.shape[2] - 1
+        found = []
+        for scale in pyramid_scales(height, width):
+            images = _resize_frames(integral, int(height * scale + 1), int(width * scale + 1))
+            offsets, probs = self._run("pnet", images)[:2]
+            frame_idx, row, col = torch.nonzero(probs[:, 1] >= THRESHOLDS[0], as_tuple=True)
+            corner = torch.stack([col, row], dim=1).float()
+            boxes = torch.cat([
+                torch.floor((2 * corner + 1) / scale), torch.floor((2 * corner + 12) / scale),
+                probs[frame_idx, 1, row, col][:, None], offsets[frame_idx, :, row, col],
+            ], dim=1)
+            keep = batched_nms(boxes, frame_idx, 0.5)
+            found.append((boxes[keep], frame_idx[keep]))
+        if not found:
+            return (torch.zeros((0, 9), device=integral.device),
+                    torch.zeros(0, dtype=torch.long, device=integral.device))
+        boxes = torch.cat([b for b, _ in found])
+        frame_idx = torch.cat([f for _, f in found])
+        keep = batched_nms(boxes, frame_idx, 0.7)
+        boxes, frame_idx = boxes[keep], frame_idx[keep]
+        size = torch.cat([boxes[:, 2:4] - boxes[:, 0:2]] * 2, dim=1)
+        calibrated = torch.cat([boxes[:, :4] + boxes[:, 5:9] * size, boxes[:, 4:5]], dim=1)
+        return _square(calibrated), frame_idx
+
+    def _refine(self, integral, boxes, frame_idx):
+        crops, ok = _crops(integral, boxes, frame_idx, 24)
+        boxes, frame_idx = boxes[ok], frame_idx[ok]
+        offsets, probs = self._run("rnet", crops)[:2]
+        passed = probs[:, 1] > THRESHOLDS[1]
+        boxes = torch.cat([boxes[passed, :4], probs[passed, 1:2]], dim=1)
+        offsets, frame_idx = offsets[passed], frame_idx[passed]
+        keep = batched_nms(boxes, frame_idx, 0.7)
+        return _square(_regress(boxes[keep], offsets[keep])), frame_idx[keep]
+
+    def _output(self, integral, boxes, frame_idx):
+        crops, ok = _crops(integral, boxes, frame_idx, 48)
+        boxes, frame_idx = boxes[ok], frame_idx[ok]
+        offsets, _landmarks, probs = self._run("onet", crops)[:3]
+        passed = probs[:, 1] > THRESHOLDS[2]
+        boxes = torch.cat([boxes[passed, :4], probs[passed, 1:2]], dim=1)
+        boxes, frame_idx = _regress(boxes, offsets[passed]), frame_idx[passed]
+        keep = batched_nms(boxes, frame_idx, 0.7, over_smaller=True)
+        return boxes[keep], frame_idx[keep]
+
+
+# --- face crops and mel pieces: fv2es.features on torch --------------------------------------
+
+def _area_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """features.area_resize on torch: float64 [height, width, C], exact integer bin sums."""
+    rows, row_counts = (torch.from_numpy(a).to(image.device) for a in features.area_weights(image.shape[0], height))
+    cols, col_counts = (torch.from_numpy(a).to(image.device) for a in features.area_weights(image.shape[1], width))
+    sums = torch.einsum("ih,hwc,jw->ijc", rows, image.double(), cols)
+    return sums / (row_counts[:, None, None] * col_counts[None, :, None])
+
+
+def _centre_patch(frame: torch.Tensor) -> torch.Tensor:
+    height, width = frame.shape[:2]
+    if height < FACE_SIZE or width < FACE_SIZE:
+        return _area_resize(frame, FACE_SIZE, FACE_SIZE)
+    top = int(round((height - FACE_SIZE) / 2.0))
+    left = int(round((width - FACE_SIZE) / 2.0))
+    return frame[top:top + FACE_SIZE, left:left + FACE_SIZE].double()
+
+
+def crop_faces(frames: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """features.crop_faces on torch: float32 [F, 3, 48, 48]. The boxes and scores are read on
+    the host (5 floats a frame) to plan the crops; the pixels stay on their device."""
+    count, height, width = frames.shape[:3]
+    boxes, scores = boxes.cpu().numpy(), scores.cpu().numpy()
+    faces = torch.empty((count, FACE_SIZE, FACE_SIZE, 3), dtype=torch.float64, device=frames.device)
+    for i in range(count):
+        if scores[i] > 0:
+            left, top, right, bottom = features.face_box(boxes[i], height, width)
+            faces[i] = torch.floor(_area_resize(frames[i, top:bottom, left:right], FACE_SIZE, FACE_SIZE))
+        else:
+            faces[i] = _centre_patch(frames[i])
+    mean = torch.tensor(FACE_MEAN, dtype=torch.float64, device=frames.device)
+    std = torch.tensor(FACE_STD, dtype=torch.float64, device=frames.device)
+    return ((faces - mean) / std).permute(0, 3, 1, 2).float().contiguous()
+
+
+def mel_pieces(audio: torch.Tensor) -> torch.Tensor:
+    """features.mel_pieces on torch (float64 inside, as the reference): float32 [P, 4, 32, 32]."""
+    audio = audio.reshape(-1).double()
+    half = features.N_FFT // 2
+    if audio.numel() <= half:
+        audio = torch.nn.functional.pad(audio, (0, half + 1 - audio.numel()))
+    padded = torch.nn.functional.pad(audio[None], (half, half), mode="reflect")[0]
+    frames = padded.unfold(0, features.N_FFT, features.HOP)
+    window = torch.hann_window(features.N_FFT, periodic=True, dtype=torch.float64, device=audio.device)
+    spectrum = torch.fft.rfft(frames * window, dim=1)
+    power = spectrum.real ** 2 + spectrum.imag ** 2
+    filterbank = torch.from_numpy(features.mel_filterbank()).to(audio.device)
+    mel = (power @ filterbank).float().T                     # [128, T]
+    count = -(-mel.shape[1] // PIECE_FRAMES)
+    mel = torch.nn.functional.pad(mel, (0, count * PIECE_FRAMES - mel.shape[1]))
+    pieces = mel.reshape(N_MELS, count, PIECE_FRAMES).permute(1, 0, 2)
+    return pieces.reshape(count, 4, 32, 32).contiguous()
+
+
+# --- video decoding: NVDEC for most clips, host cores for a share ----------------------------
+
+def display_turns(media: bytes) -> int:
+    """Counter-clockwise quarter turns that make the first video stream upright, as fv2es.media
+    applies them. PyAV exposes the display matrix only on decoded frames, so this decodes the
+    first frame (milliseconds; NVDEC still decodes the sampled ones)."""
+    with av.open(io.BytesIO(media), metadata_errors="ignore") as container:
+        streams = [s for s in container.streams.video
+                   if not s.disposition & av.stream.Disposition.attached_pic]
+        for frame in container.decode(streams[0]):
+            return round(frame.rotation / 90) % 4
+    return 0
+
+
+class HostSlots:
+    """At most COUNT host decodes at a time across every process of one server: one lock file
+    a slot in DIRECTORY, held with flock (the kernel releases it if the process dies)."""
+
+    def __init__(self, directory: str | Path, count: int):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.count = count
+
+    @contextmanager
+    def take(self):
+        """Yields True while holding a free slot, False when every slot is taken."""
+        for i in range(self.count):
+            fd = os.open(self.directory / f"slot-{i}", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                yield True
+            finally:
+                os.close(fd)    # closing the descriptor releases the lock
+            return
+        yield False
+
+
+class DaliVideoDecoder:
+    """decode_video_dali's pipeline run in this process, one clip a run: for servers without
+    Triton's DALI backend (the one in the nvidia-pytriton wheel has only the python backend).
+    device_id None runs a CPU pipeline (the tests: MJPEG, VP8, VP9 only)."""
+
+    def __init__(self, pipeline_file: str | Path, device_id: int | None):
+        dali = require_dali()
+        self.pipe = dali.Pipeline.deserialize(filename=str(pipeline_file), device_id=device_id,
+                                              prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
+        self.pipe.build()
+
+    def __call__(self, media_u8: np.ndarray, indices: np.ndarray) -> torch.Tensor:
+        self.pipe.feed_input(MEDIA_U8, [media_u8])
+        self.pipe.feed_input(FRAME_INDICES, [indices])
+        (frames,) = self.pipe.run()
+        return torch.from_dlpack(frames[0]).clone()     # DALI reuses its buffers next run
+
+
+class DecodeVideo(steps.Step):
+    """decode_video with DALI: `nvdec(media_u8, frame_indices) -> FRAMES` for the CODECS it
+    takes, PyAV on the host (fv2es.steps.DecodeVideo) while one of HOST_SLOTS is free, and
+    for files without video, in other codecs, or that cannot be probed (the host decoder
+    then names the problem). Rotation metadata is applied to DALI's frames too."""
+    name = "decode_video"
+
+    def __init__(self, nvdec, host_slots: HostSlots, codecs=NVDEC_CODECS):
+        self.nvdec = nvdec
+        self.host_slots = host_slots
+        self.codecs = codecs
+        self.host = steps.DecodeVideo()
+
+    def process(self, clip):
+        media = steps.read_bytes(clip["MEDIA"])
+        probe = _probe(media)
+        if probe is None or probe.codec not in self.codecs:
+            return self.host.process(clip)
+        with self.host_slots.take() as on_host:
+            if on_host:
+                return self.host.process(clip)
+        try:
+            return self._on_nvdec(media, probe)
+        except (RuntimeError, av.error.FFmpegError) as error:   # the host decoder reports bad media
+            log.warning("decode_video: NVDEC failed (%s); decoding on the host", error)
+            return self.host.process(clip)
+
+    def _on_nvdec(self, media: bytes, probe) -> dict:
+        indices, instants = sample_indices(probe.times, probe.end)
+        frames = self.nvdec(np.frombuffer(media, np.uint8), indices)
+        turns = display_turns(media)
+        if turns:
+            frames = torch.rot90(frames, turns, dims=(1, 2)).contiguous()
+        return {"FRAMES": frames, "FRAME_TIMES": instants, "VIDEO_PRESENT": steps.flag(True),
+                "DURATION": np.array([probe.duration], np.float32)}
+
+
+def _probe(media: bytes):
+    """probe_video, or None where the host decoder should handle (and explain) the file."""
+    if not media or len(media) > MAX_MEDIA_BYTES:
+        return None
+    try:
+        return probe_video(media)
+    except (av.error.FFmpegError, ValueError):
+        return None
+
+
+# --- the other steps -------------------------------------------------------------------------
+
+class DetectFaces(steps.Step):
+    name = "detect_faces"
+
+    def __init__(self, nets: dict[str, torch.nn.Module]):
+        self.mtcnn = TorchMTCNN(nets)
+
+    def process(self, clip):
+        boxes, scores = self.mtcnn.detect_faces(clip["FRAMES"])
+        return {"FACE_BOXES": boxes, "FACE_SCORES": scores}
+
+
+class CropFaces(steps.Step):
+    name = "crop_faces"
+
+    def process(self, clip):
+        return {"FACES": crop_faces(clip["FRAMES"], clip["FACE_BOXES"], clip["FACE_SCORES"])}
+
+
+class MelPieces(steps.Step):
+    name = "mel_pieces"
+
+    def process(self, clip):
+        return {"MEL_PIECES": mel_pieces(clip["AUDIO"])}
+
+
+class _TorchEncoder:
+    """fv2es.steps.Encoder with torch tensors in and out (the runner: torch_cuda.CudaRunner)."""
+
+    def __call__(self, clips):
+        logits = self.runner(self.network, self.network_inputs(clips))["logits"]
+        return [{self.output: row.float()} for row in logits]
+
+
+class VisualEncoder(_TorchEncoder, steps.VisualEncoder):
+    def network_inputs(self, clips):
+        faces, mask = pad_stack([c["FACES"] for c in clips])
+        return {"faces": faces, "frame_mask": mask}
+
+
+class AudioEncoder(_TorchEncoder, steps.AudioEncoder):
+    def network_inputs(self, clips):
+        pieces, mask = pad_stack([c["MEL_PIECES"] for c in clips])
+        return {"pieces": pieces, "piece_mask": mask}
+
+
+class TextEncoder(_TorchEncoder, steps.TextEncoder):
+    def network_inputs(self, clips):
+        ids, _ = pad_stack([c["INPUT_IDS"].long() for c in clips])
+        mask, _ = pad_stack([c["ATTENTION_MASK"].long() for c in clips])
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+ENCODERS = {cls.name: cls for cls in (VisualEncoder, AudioEncoder, TextEncoder)}
+
+
+# --- building a step from its model folder ---------------------------------------------------
+
+CHECKPOINT_DIR = "checkpoint"           # our checkpoint (fv2es.checkpoint), in each encoder's folder
+VIDEO_PIPELINE_FILE = "decode_video_dali.dali"
+
+
+def save_mtcnn(folder: Path) -> None:
+    """P/R/O-Net weights as safetensors beside detect_faces' model.py."""
+    from safetensors.torch import save_file
+
+    from fv2es.mtcnn import load_mtcnn_nets
+
+    for name, net in load_mtcnn_nets().items():
+        save_file(net.state_dict(), folder / f"{name}.safetensors")
+
+
+def load_mtcnn(folder: Path, device: str) -> dict[str, torch.nn.Module]:
+    from safetensors.torch import load_file
+
+    from fv2es.mtcnn import ONet, PNet, RNet
+
+    nets = {"pnet": PNet(), "rnet": RNet(), "onet": ONet()}
+    for name, net in nets.items():
+        net.load_state_dict(load_file(folder / f"{name}.safetensors"))
+        net.eval().requires_grad_(False).to(device)
+    return nets
+
+
+def host_slots_for(version_dir: Path, count: int) -> HostSlots:
+    """The slots every instance of one served model shares (keyed by its folder)."""
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha256(str(version_dir.resolve()).encode()).hexdigest()[:16]
+    return HostSlots(Path(tempfile.gettempdir()) / f"fv2es-host-decodes-{key}", count)
+
+
+def build_step(params: dict[str, str], version_dir: Path, device: str, nvdec=None, runner=None) -> steps.Step:
+    """The gpu-profile step named by the config's parameters, with the files in its version folder.
+
+    nvdec and runner come from the serving adapter where they are Triton calls (BLS to the
+    DALI model, to TensorRT plans); otherwise they are made here.
+    """
+    name = params["step"]
+    if name == "decode_video":
+        # On a CPU instance DALI decodes on host cores, which take fewer codecs than NVDEC.
+        on_gpu = torch.device(device).type == "cuda"
+        if nvdec is None:
+            device_id = (torch.device(device).index or 0) if on_gpu else None
+            nvdec = DaliVideoDecoder(version_dir / VIDEO_PIPELINE_FILE, device_id)
+        return DecodeVideo(nvdec, host_slots_for(version_dir, int(params["host_decodes"])),
+                           NVDEC_CODECS if on_gpu else CPU_CODECS)
+    if name == "detect_faces":
+        return DetectFaces(load_mtcnn(version_dir, device))
+    if name == "crop_faces":
+        return CropFaces()
+    if name == "mel_pieces":
+        return MelPieces()
+    if name in ENCODERS:
+        if runner is None:
+            from fv2es.checkpoint import load_checkpoint
+            from fv2es.gpu.torch_cuda import CudaRunner
+
+            network = ENCODERS[name].network
+            model = load_checkpoint(version_dir / CHECKPOINT_DIR)
+            runner = CudaRunner({network: getattr(model, f"{network}_net")()}, device,
+                                precision=params["precision"], graphs=params["cuda_graphs"] == "yes")
+        return ENCODERS[name](runner)
+    raise KeyError(f"the gpu profile has no GPU step {name!r}")
