@@ -11,7 +11,7 @@ GRPC_PORT ?= 8001
 HTTP_PORT ?= 8000
 METRICS_PORT ?= 8002
 
-.PHONY: setup repository serve test bench clean
+.PHONY: setup repository repository-gpu serve test bench clean
 
 # The environment: a venv with the pinned CPU torch, the client and the library.
 $(BIN)/.installed: pyproject.toml client/pyproject.toml
@@ -28,6 +28,11 @@ setup: $(BIN)/.installed
 repository: setup
 	$(BIN)/python -m builders.build_repository --profile cpu --output $(REPO) \
 		$(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(TEXT_BACKBONE),--text-backbone $(TEXT_BACKBONE)) \
+		$(if $(LABEL_SET),--label-set $(LABEL_SET))
+
+# The gpu profile (NVIDIA hosts: DALI on NVDEC, torch-CUDA or TensorRT encoders); see README.
+repository-gpu: setup
+	$(BIN)/python -m builders.gpu_profile --output $(REPO) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
 		$(if $(LABEL_SET),--label-set $(LABEL_SET))
 
 serve: setup
