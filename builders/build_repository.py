@@ -1,10 +1,12 @@
 """Build the Triton model repository for a profile from a checkpoint (or the untrained default).
 
     python -m builders.build_repository --profile cpu --output model_repository [--checkpoint PATH]
+                                        [--precision fp32|int8]
 
 The cpu profile: every step is a python-backend model (fv2es.serving.python_model) and
 the networks are ONNX files run by ONNX Runtime beside it. Configs come from the tensor
 contract. The same inputs give a byte-identical repository (checked by the tests).
+With --precision int8 the three encoders' weights are quantised (see quantize_encoders).
 """
 from __future__ import annotations
 
@@ -81,10 +83,34 @@ def export_networks(model, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
+INT8_NETWORKS = ("visual", "audio", "text")
+PRECISIONS = ("fp32", "int8")
+
+
+def quantize_encoders(onnx_files: dict[str, Path]) -> None:
+    """ONNX Runtime dynamic int8 quantisation of the encoders' weights, in place.
+
+    Only the weights of the Linear layers (MatMul), per output channel: quantised Conv
+    (ConvInteger) runs slower than fp32 on CPU, and MTCNN and fusion are too small to gain. reduce_range (7-bit weights)
+    because CPUs without VNNI (AVX2 only) saturate the u8 x s8 products otherwise: measured
+    on the untrained audio NesT, 18% relative logit error without it, 1% with it.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    for name in INT8_NETWORKS:
+        source = onnx_files[name]
+        quantized = source.with_name(f"{name}.int8.onnx")
+        quantize_dynamic(source, quantized, op_types_to_quantize=["MatMul"], per_channel=True,
+                         reduce_range=True, weight_type=QuantType.QInt8)
+        quantized.replace(source)
+
+
 def build_cpu(output: Path, checkpoint: str | None = None, label_set: str | None = None,
               text_backbone: str | None = None,
               asr_model: str = "whisper-tiny.en", asr_compute_type: str = "int8",
-              onnx_threads: int = 0) -> Path:
+              onnx_threads: int = 0, precision: str = "fp32") -> Path:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     from fv2es.model.text import tokenizer_file
 
     if asr_model != "none":
@@ -98,6 +124,8 @@ def build_cpu(output: Path, checkpoint: str | None = None, label_set: str | None
     output.mkdir(parents=True)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_files = export_networks(model, Path(tmp))
+        if precision == "int8":
+            quantize_encoders(onnx_files)
         for step in STEPS:
             version_dir = output / step.name / "1"
             version_dir.mkdir(parents=True)
@@ -121,7 +149,7 @@ def build_cpu(output: Path, checkpoint: str | None = None, label_set: str | None
     (ensemble_dir / "1").mkdir(parents=True)
     (ensemble_dir / LABELS_FILE).write_text("\n".join(LABEL_SETS[label_set]) + "\n")
     (ensemble_dir / "config.pbtxt").write_text(ensemble_config(LABELS_FILE))
-    write_manifest(output, profile="cpu", weights_id=model.weights_id, label_set=label_set)
+    write_manifest(output, profile="cpu", precision=precision, weights_id=model.weights_id, label_set=label_set)
     return output
 
 
@@ -144,10 +172,12 @@ def main(argv=None) -> int:
     parser.add_argument("--asr-model", default="whisper-tiny.en", help="'none' to use request transcripts only")
     parser.add_argument("--asr-compute-type", default="int8")
     parser.add_argument("--onnx-threads", type=int, default=0, help="per ONNX Runtime session; 0 = all cores")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="int8: dynamic int8 quantisation of the visual, audio and text encoders")
     args = parser.parse_args(argv)
     try:
         out = build_cpu(args.output, args.checkpoint, args.label_set, args.text_backbone, args.asr_model,
-                        args.asr_compute_type, args.onnx_threads)
+                        args.asr_compute_type, args.onnx_threads, args.precision)
     except (RuntimeError, ValueError, OSError) as exc:
         print(f"build failed: {exc}", file=sys.stderr)
         return 1
