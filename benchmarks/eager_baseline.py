@@ -23,9 +23,8 @@ from fv2es import features, media
 from fv2es.asr import resolve_transcript
 from fv2es.checkpoint import default_model
 from fv2es.model.text import encode, load_tokenizer
-from fv2es.mtcnn import detect_faces_per_frame, load_mtcnn_nets
-from fv2es.runners import TorchRunner
-from fv2es.steps import mtcnn_adapter, pad_stack
+from fv2es.mtcnn import detect_faces_per_frame, load_mtcnn_nets, plain_torch_runner
+from fv2es.steps import pad_stack
 
 
 @dataclass
@@ -42,7 +41,7 @@ class EagerBaseline:
     def __init__(self, model=None, transcriber=None, device: str = "cpu"):
         self.model = (model or default_model()).eval().to(device)
         self.device = device
-        self.run_mtcnn = mtcnn_adapter(TorchRunner(load_mtcnn_nets(), device=device))
+        self.run_mtcnn = plain_torch_runner({name: net.to(device) for name, net in load_mtcnn_nets().items()})
         self.tokenizer = load_tokenizer(self.model.config)
         self.transcriber = transcriber
         self.labels = LABEL_SETS[self.model.config.label_set]
@@ -62,7 +61,8 @@ class EagerBaseline:
         model, t = self.model, {}
         with torch.inference_mode():
             video = self._timed(t, "decode_video", lambda: media.decode_video(media_bytes))
-            boxes, scores = self._timed(t, "detect_faces", lambda: detect_faces_per_frame(video.frames, self.run_mtcnn))
+            boxes, scores = self._timed(t, "detect_faces", lambda: detect_faces_per_frame(
+                video.frames, self.run_mtcnn, device=self.device))
             faces = self._timed(t, "crop_faces", lambda: features.crop_faces(video.frames, boxes, scores))
             faces, frame_mask = pad_stack([faces])   # a clip without frames still runs (its CLS alone)
             visual = self._timed(t, "visual_encoder", lambda: model.visual_logits(

@@ -99,9 +99,9 @@ def build_gpu(output: Path, checkpoint: str | None = None, label_set: str | None
     for name, instances in GPU_INSTANCES.items():
         version_dir = _folder(output, name, GPU_MODEL_PY)
         if name == "detect_faces":
-            from fv2es.gpu.steps import save_mtcnn
+            from fv2es.mtcnn import load_mtcnn_nets, save_nets
 
-            save_mtcnn(version_dir)
+            save_nets(load_mtcnn_nets(), version_dir)
         _config(output, name, instances, GPU_PARAMS, kind)
     if encoders == "tensorrt":
         _write_plan_encoders(output, Path(plan_dir), plan_precision)

@@ -8,15 +8,18 @@ its NMS thresholds, box calibration and squaring, crops clipped to the frame (no
 padding), and the largest face per frame.
 One deliberate difference: frames longer than `max_side` are detected on a smaller copy.
 
-Everything except the three net calls is numpy, so the same code runs with torch in-process
-or with ONNX Runtime / TensorRT in the server: `run_net(name, batch)` is the only seam.
+One implementation for every profile: the algorithm is torch code on the frames' device
+(CPU or CUDA), and the three nets are behind one seam, `run_net(name, images) -> outputs`
+(NCHW float32 tensors in, tensors in contract order out), which runs them as torch modules
+(`torch_runner`) or through any fv2es runner, ONNX Runtime or TensorRT (`runner_nets`).
 Each pyramid scale of P-Net sees all frames in one batch; R-Net and O-Net each see all
-candidates of all frames in one batch.
+candidates of all frames in one batch. On a GPU only the candidate counts of each stage and
+one flag per NMS round cross to the host.
 
 Resampling is "area" interpolation with torch's adaptive-average-pool bins (what
 facenet-pytorch uses: `interpolate(mode="area")`): output pixel i of n over an input span of
 m pixels averages inputs floor(i*m/n) .. ceil((i+1)*m/n) - 1. We compute it from integer
-integral images, so the bin sums are exact and any runtime can reproduce them bit for bit.
+integral images, so the bin sums are exact and every device gives the same bits.
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ THRESHOLDS = (0.6, 0.7, 0.7)        # P-Net, R-Net, O-Net face probability
 # down to ~40 px of a 1280 px frame.
 DETECT_MAX_SIDE = 640
 
-RunNet = Callable[[str, np.ndarray], tuple]
+# (net name, NCHW float32 images) -> the net's outputs in contract order, on the same device.
+RunNet = Callable[[str, torch.Tensor], tuple]
 
 
 class PNet(nn.Module):
@@ -134,64 +138,129 @@ def load_mtcnn_nets() -> dict[str, nn.Module]:
     return nets
 
 
+def save_nets(nets: Mapping[str, nn.Module], folder) -> None:
+    """The nets' weights as safetensors in FOLDER (a served detect_faces model's version folder)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    for name, net in nets.items():
+        save_file(net.state_dict(), Path(folder) / f"{name}.safetensors")
+
+
+def load_saved_nets(folder, device: str = "cpu") -> dict[str, nn.Module]:
+    """What save_nets wrote, in eval mode on DEVICE."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    nets = {"pnet": PNet(), "rnet": RNet(), "onet": ONet()}
+    for name, net in nets.items():
+        net.load_state_dict(load_file(Path(folder) / f"{name}.safetensors"))
+        net.eval().requires_grad_(False).to(device)
+    return nets
+
+
 def torch_runner(nets: Mapping[str, nn.Module]) -> RunNet:
-    """A `run_net` for detect_faces that runs the nets with torch on CPU."""
-    def run_net(name, batch):
+    """A `run_net` that runs the torch modules on the images' device.
+
+    On CPU the images go channels-last: oneDNN's NHWC convolutions and pools run these small
+    nets about twice as fast as NCHW (and as ONNX Runtime), measured on 2 cores. On CUDA,
+    fp32 without TF32: the stage thresholds must see the reference's scores.
+    """
+    def run_net(name, images):
         with torch.inference_mode():
-            outputs = nets[name](torch.from_numpy(np.ascontiguousarray(batch, np.float32)))
-        return tuple(o.numpy() for o in outputs)
+            if images.device.type == "cpu":
+                return nets[name](images.contiguous(memory_format=torch.channels_last))
+            with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+                return nets[name](images.contiguous())
     return run_net
 
 
-def detect_faces(frames: np.ndarray, run_net: RunNet, max_side: int | None = DETECT_MAX_SIDE):
+def runner_nets(runner) -> RunNet:
+    """A `run_net` over an fv2es runner (ONNX Runtime, TensorRT): numpy in and out."""
+    from fv2es.runners import output_names
+
+    def run_net(name, images):
+        outputs = runner(name, {"image": images.cpu().numpy()})
+        return tuple(torch.as_tensor(np.asarray(outputs[n])).to(images.device) for n in output_names(name))
+    return run_net
+
+
+def detect_faces(frames, run_net: RunNet, max_side: int | None = DETECT_MAX_SIDE):
     """The largest face of each frame (facenet-pytorch's select_largest default).
 
-    frames: [F, H, W, 3] uint8 RGB. max_side: frames with a longer side are detected on an
-    area-downscaled copy (None: never). Returns (boxes float32 [F, 4] x1, y1, x2, y2 in
-    frame pixels, scores float32 [F]); boxes and scores are 0 where no face was found.
-    Boxes are not clipped to the frame (as in facenet-pytorch).
+    frames: [F, H, W, 3] uint8 RGB, numpy or a torch tensor on any device. max_side: frames
+    with a longer side are detected on an area-downscaled copy (None: never). Returns (boxes
+    float32 [F, 4] x1, y1, x2, y2 in frame pixels, scores float32 [F]), as numpy for numpy
+    frames and as tensors on the frames' device otherwise; boxes and scores are 0 where no
+    face was found. Boxes are not clipped to the frame (as in facenet-pytorch).
     """
-    boxes, scores, frame_idx = detect_all_faces(frames, run_net, max_side)
-    count = len(frames)
+    as_numpy = isinstance(frames, np.ndarray)
+    frames = _frames_tensor(frames)
+    boxes, scores, frame_idx = _detect_all(frames, run_net, max_side)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    order = np.lexsort((-area, frame_idx))
-    found, first = np.unique(frame_idx[order], return_index=True)
-    out_boxes = np.zeros((count, 4), np.float32)
-    out_scores = np.zeros(count, np.float32)
-    out_boxes[found] = boxes[order[first]]
-    out_scores[found] = scores[order[first]]
-    return out_boxes, out_scores
+    order = _group_order(frame_idx, -area)
+    ordered = frame_idx[order]
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    chosen = order[first]
+    out_boxes = torch.zeros((len(frames), 4), dtype=torch.float32, device=frames.device)
+    out_scores = torch.zeros(len(frames), dtype=torch.float32, device=frames.device)
+    out_boxes[frame_idx[chosen]] = boxes[chosen]
+    out_scores[frame_idx[chosen]] = scores[chosen]
+    return (out_boxes.cpu().numpy(), out_scores.cpu().numpy()) if as_numpy else (out_boxes, out_scores)
 
 
-def detect_all_faces(frames: np.ndarray, run_net: RunNet, max_side: int | None = DETECT_MAX_SIDE):
+def detect_all_faces(frames, run_net: RunNet, max_side: int | None = DETECT_MAX_SIDE):
     """Every face found, as detect_faces but unselected: (boxes float32 [K, 4], scores
-    float32 [K], frame index int64 [K]), ordered by frame, then descending score."""
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[3] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {frames.shape}")
-    count, height, width = frames.shape[:3]
-    if count == 0:
-        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
+    float32 [K], frame index int64 [K]) as numpy, ordered by frame, then descending score."""
+    return tuple(t.cpu().numpy() for t in _detect_all(_frames_tensor(frames), run_net, max_side))
 
+
+def detect_faces_per_frame(frames: np.ndarray, run_net: RunNet, max_side: int | None = DETECT_MAX_SIDE,
+                           device: str = "cpu"):
+    """detect_faces called one frame at a time on DEVICE: the authors' eager path, for benchmarks."""
+    results = [detect_faces(torch.from_numpy(frame[None]).to(device), run_net, max_side) for frame in frames]
+    if not results:
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+    return tuple(torch.cat(parts).cpu().numpy() for parts in zip(*results))
+
+
+def plain_torch_runner(nets: Mapping[str, nn.Module]) -> RunNet:
+    """The nets as facenet-pytorch runs them (NCHW, default backend flags): the eager baseline's."""
+    def run_net(name, images):
+        with torch.inference_mode():
+            return nets[name](images.contiguous())
+    return run_net
+
+
+def _frames_tensor(frames) -> torch.Tensor:
+    frames = torch.as_tensor(frames)
+    if frames.ndim != 4 or frames.shape[3] != 3 or frames.dtype != torch.uint8:
+        raise ValueError(f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
+    return frames
+
+
+@torch.inference_mode()
+def _detect_all(frames: torch.Tensor, run_net: RunNet, max_side: int | None):
+    device = frames.device
+    count, height, width = frames.shape[:3]
+    none = (torch.zeros((0, 4), device=device), torch.zeros(0, device=device),
+            torch.zeros(0, dtype=torch.long, device=device))
+    if count == 0:
+        return none
     if max_side and max(height, width) > max_side:
         shrink = max_side / max(height, width)
         frames = _downscale(frames, max(1, round(height * shrink)), max(1, round(width * shrink)))
     integral = _integral_images(frames)
-
     boxes, frame_idx = _propose(integral, run_net)
     for stage in (_refine, _output):
+        if not len(boxes):      # no batch of zero for runtimes that reject one
+            return none
         boxes, frame_idx = stage(integral, boxes, frame_idx, run_net)
-    to_frame = np.array([width / frames.shape[2], height / frames.shape[1]] * 2, np.float32)
-    return boxes[:, :4] * to_frame, boxes[:, 4].copy(), frame_idx
-
-
-def detect_faces_per_frame(frames: np.ndarray, run_net: RunNet, max_side: int | None = DETECT_MAX_SIDE):
-    """detect_faces called one frame at a time: the authors' eager path, for benchmarks."""
-    results = [detect_faces(frame[None], run_net, max_side) for frame in np.asarray(frames)]
-    if not results:
-        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
-    return (np.concatenate([boxes for boxes, _ in results]),
-            np.concatenate([scores for _, scores in results]))
+    to_frame = torch.tensor([width / frames.shape[2], height / frames.shape[1]] * 2, device=device)
+    return boxes[:, :4] * to_frame, boxes[:, 4].clone(), frame_idx
 
 
 # --- the three stages ------------------------------------------------------------------------
@@ -205,23 +274,24 @@ def _propose(integral, run_net):
     for scale in pyramid_scales(height, width):
         images = _resize_frames(integral, int(height * scale + 1), int(width * scale + 1))
         offsets, probs = run_net("pnet", _normalise(images))[:2]
-        frame_idx, row, col = np.nonzero(probs[:, 1] >= THRESHOLDS[0])
+        frame_idx, row, col = torch.nonzero(probs[:, 1] >= THRESHOLDS[0], as_tuple=True)
         # Each output cell is a 12x12 window at stride 2 of the scaled image.
-        corner = np.stack([col, row], axis=1).astype(np.float32)
-        boxes = np.concatenate([
-            np.floor((2 * corner + 1) / scale), np.floor((2 * corner + 12) / scale),
+        corner = torch.stack([col, row], dim=1).float()
+        boxes = torch.cat([
+            torch.floor((2 * corner + 1) / scale), torch.floor((2 * corner + 12) / scale),
             probs[frame_idx, 1, row, col][:, None], offsets[frame_idx, :, row, col],
-        ], axis=1)
+        ], dim=1)
         keep = nms(boxes, frame_idx, 0.5)
         found.append((boxes[keep], frame_idx[keep]))
     if not found:   # frame smaller than one 12 px window at the first scale
-        return np.zeros((0, 9), np.float32), np.zeros(0, np.int64)
-    boxes = np.concatenate([b for b, _ in found])
-    frame_idx = np.concatenate([f for _, f in found])
+        return (torch.zeros((0, 9), device=integral.device),
+                torch.zeros(0, dtype=torch.long, device=integral.device))
+    boxes = torch.cat([b for b, _ in found])
+    frame_idx = torch.cat([f for _, f in found])
     keep = nms(boxes, frame_idx, 0.7)
     boxes, frame_idx = boxes[keep], frame_idx[keep]
-    size = np.concatenate([boxes[:, 2:4] - boxes[:, 0:2]] * 2, axis=1)
-    calibrated = np.concatenate([boxes[:, :4] + boxes[:, 5:9] * size, boxes[:, 4:5]], axis=1)
+    size = torch.cat([boxes[:, 2:4] - boxes[:, 0:2]] * 2, dim=1)
+    calibrated = torch.cat([boxes[:, :4] + boxes[:, 5:9] * size, boxes[:, 4:5]], dim=1)
     return _square(calibrated), frame_idx
 
 
@@ -229,11 +299,11 @@ def _refine(integral, boxes, frame_idx, run_net):
     """R-Net on 24x24 crops of the candidates."""
     crops, ok = _crops(integral, boxes, frame_idx, 24)
     boxes, frame_idx = boxes[ok], frame_idx[ok]
-    if not len(boxes):      # no batch of zero for runtimes that reject one
+    if not len(boxes):
         return boxes[:, :5], frame_idx
     offsets, probs = run_net("rnet", _normalise(crops))[:2]
     passed = probs[:, 1] > THRESHOLDS[1]
-    boxes = np.concatenate([boxes[passed, :4], probs[passed, 1:2]], axis=1)
+    boxes = torch.cat([boxes[passed, :4], probs[passed, 1:2]], dim=1)
     offsets, frame_idx = offsets[passed], frame_idx[passed]
     keep = nms(boxes, frame_idx, 0.7)
     return _square(_regress(boxes[keep], offsets[keep])), frame_idx[keep]
@@ -243,11 +313,11 @@ def _output(integral, boxes, frame_idx, run_net):
     """O-Net on 48x48 crops; the final NMS uses intersection over the smaller box."""
     crops, ok = _crops(integral, boxes, frame_idx, 48)
     boxes, frame_idx = boxes[ok], frame_idx[ok]
-    if not len(boxes):      # no batch of zero for runtimes that reject one
+    if not len(boxes):
         return boxes[:, :5], frame_idx
     offsets, _landmarks, probs = run_net("onet", _normalise(crops))[:3]
     passed = probs[:, 1] > THRESHOLDS[2]
-    boxes = np.concatenate([boxes[passed, :4], probs[passed, 1:2]], axis=1)
+    boxes = torch.cat([boxes[passed, :4], probs[passed, 1:2]], dim=1)
     boxes, frame_idx = _regress(boxes, offsets[passed]), frame_idx[passed]
     keep = nms(boxes, frame_idx, 0.7, over_smaller=True)
     return boxes[keep], frame_idx[keep]
@@ -269,102 +339,106 @@ def pyramid_scales(height, width):
 def _regress(boxes, offsets):
     """Apply the net's box offsets, relative to the box size in MTCNN's +1 pixel convention."""
     size = boxes[:, 2:4] - boxes[:, 0:2] + 1
-    corrected = boxes[:, :4] + offsets * np.concatenate([size, size], axis=1)
-    return np.concatenate([corrected, boxes[:, 4:5]], axis=1)
+    corrected = boxes[:, :4] + offsets * torch.cat([size, size], dim=1)
+    return torch.cat([corrected, boxes[:, 4:5]], dim=1)
 
 
 def _square(boxes):
     """Grow each box to a square around its centre (the next net sees square crops)."""
     x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
     w, h = x2 - x1, y2 - y1
-    side = np.maximum(w, h)
+    side = torch.maximum(w, h)
     x1 = x1 + w * 0.5 - side * 0.5
     y1 = y1 + h * 0.5 - side * 0.5
-    return np.stack([x1, y1, x1 + side, y1 + side, boxes[:, 4]], axis=1)
+    return torch.stack([x1, y1, x1 + side, y1 + side, boxes[:, 4]], dim=1)
 
 
-def nms(boxes, groups, threshold, over_smaller=False):
+def _group_order(groups: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """np.lexsort((key, groups)): by group, then ascending key, ties in input order."""
+    by_key = torch.sort(key, stable=True).indices
+    return by_key[torch.sort(groups[by_key], stable=True).indices]
+
+
+def nms(boxes: torch.Tensor, groups: torch.Tensor, threshold: float, over_smaller: bool = False) -> torch.Tensor:
     """Greedy non-maximum suppression within each group (frame, or frame and scale).
 
     Overlap is IoU with areas (x2-x1)*(y2-y1), as torchvision's nms; with over_smaller,
     intersection over the smaller area with +1 pixel sizes (facenet-pytorch's "Min").
-    All groups advance together, one kept box each per round, so the rounds number the
-    most boxes kept in one frame rather than in the whole clip. Returns the kept indices,
-    ordered by group then descending score.
+    All groups advance together, one kept box each per round (one host sync a round), so
+    the rounds number the most boxes kept in one frame rather than in the whole clip.
+    Returns the kept indices, ordered by group then descending score (boxes[:, 4]).
     """
     if len(boxes) == 0:
-        return np.zeros(0, np.int64)
-    order = np.lexsort((-boxes[:, 4], groups))
-    group_ids, group_row, group_size = np.unique(groups[order], return_inverse=True, return_counts=True)
-    slot = np.arange(len(order)) - np.repeat(np.cumsum(group_size) - group_size, group_size)
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
+    order = _group_order(groups, -boxes[:, 4])
+    _, group_row, group_size = torch.unique(groups[order], return_inverse=True, return_counts=True)
+    slot = torch.arange(len(order), device=boxes.device) - torch.repeat_interleave(
+        torch.cumsum(group_size, 0) - group_size, group_size)
     # One padded row per group, sorted by descending score.
-    padded = np.zeros((len(group_ids), group_size.max(), 4), np.float32)
+    padded = boxes.new_zeros((len(group_size), int(group_size.max()), 4))
     padded[group_row, slot] = boxes[order, :4]
-    alive = np.zeros(padded.shape[:2], bool)
+    alive = torch.zeros(padded.shape[:2], dtype=torch.bool, device=boxes.device)
     alive[group_row, slot] = True
-    kept = np.zeros_like(alive)
+    kept = torch.zeros_like(alive)
 
-    pixel = np.float32(1 if over_smaller else 0)
-    x1, y1, x2, y2 = np.moveaxis(padded, 2, 0)
+    pixel = 1.0 if over_smaller else 0.0
+    x1, y1, x2, y2 = padded.unbind(2)
     area = (x2 - x1 + pixel) * (y2 - y1 + pixel)
-    with np.errstate(divide="ignore", invalid="ignore"):   # padding slots are never alive
-        while alive.any():
-            rows = np.nonzero(alive.any(axis=1))[0]
-            best = alive[rows].argmax(axis=1)                # first alive = highest score
-            kept[rows, best] = True
-            alive[rows, best] = False
-
-            bx1, by1, bx2, by2, best_area = (a[rows, best][:, None] for a in (x1, y1, x2, y2, area))
-            inter = (np.maximum(np.minimum(bx2, x2[rows]) - np.maximum(bx1, x1[rows]) + pixel, 0)
-                     * np.maximum(np.minimum(by2, y2[rows]) - np.maximum(by1, y1[rows]) + pixel, 0))
-            if over_smaller:
-                overlap = inter / np.minimum(best_area, area[rows])
-            else:
-                overlap = inter / (best_area + area[rows] - inter)
-            alive[rows] &= ~(overlap > threshold)
+    rows = torch.arange(len(group_size), device=boxes.device)
+    while alive.any():
+        has = alive.any(dim=1)
+        best = alive.to(torch.uint8).argmax(dim=1)      # first alive = highest score
+        kept[rows, best] |= has
+        alive[rows, best] = False
+        bx1, by1, bx2, by2, best_area = (a[rows, best][:, None] for a in (x1, y1, x2, y2, area))
+        inter = ((torch.minimum(bx2, x2) - torch.maximum(bx1, x1) + pixel).clamp(min=0)
+                 * (torch.minimum(by2, y2) - torch.maximum(by1, y1) + pixel).clamp(min=0))
+        if over_smaller:
+            overlap = inter / torch.minimum(best_area, area)
+        else:
+            overlap = inter / (best_area + area - inter)
+        alive &= ~(overlap > threshold)
     return order[kept[group_row, slot]]
 
 
 # --- resampling ------------------------------------------------------------------------------
+# Integral images are int32: 255 * 1280 * 1280 (the largest frame) fits, and every bin sum is
+# an exact integer.
 
 def _integral_images(frames):
-    """[F, H+1, W+1, 3] uint32 running sums. Sums past 2**32 wrap, but the four-corner
-    differences stay exact for any box under 16 M pixels, far above any resize bin."""
+    """[F, H+1, W+1, 3] int32 running sums of uint8 [F, H, W, 3] frames."""
     count, height, width = frames.shape[:3]
-    integral = np.zeros((count, height + 1, width + 1, 3), np.uint32)
-    sums = integral[:, 1:, 1:]
-    sums[...] = frames
-    sums.cumsum(axis=1, out=sums)
-    sums.cumsum(axis=2, out=sums)
+    integral = torch.zeros((count, height + 1, width + 1, 3), dtype=torch.int32, device=frames.device)
+    integral[:, 1:, 1:] = frames.cumsum(1, dtype=torch.int32).cumsum(2, dtype=torch.int32)
     return integral
 
 
-def _bins(start, span, size):
+def _bins(start, span, size: int):
     """Area-resize bin edges: output pixel i of `size` covers [lo[i], hi[i]) of the span."""
-    i = np.arange(size)
+    i = torch.arange(size, device=start.device)
     lo = start[:, None] + i * span[:, None] // size
     hi = start[:, None] + ((i + 1) * span[:, None] + size - 1) // size
     return lo, hi
 
 
-def _resize_frames(integral, height, width):
+def _resize_frames(integral, height: int, width: int):
     """Area-resize whole frames to [F, height, width, 3] float32."""
-    zero = np.zeros(1, np.int64)
+    zero = torch.zeros(1, dtype=torch.long, device=integral.device)
     lo_r, hi_r = (b[0] for b in _bins(zero, zero + integral.shape[1] - 1, height))
     lo_c, hi_c = (b[0] for b in _bins(zero, zero + integral.shape[2] - 1, width))
-    rows = np.take(integral, hi_r, axis=1) - np.take(integral, lo_r, axis=1)
-    sums = np.take(rows, hi_c, axis=2) - np.take(rows, lo_c, axis=2)
+    rows = integral.index_select(1, hi_r) - integral.index_select(1, lo_r)
+    sums = rows.index_select(2, hi_c) - rows.index_select(2, lo_c)
     counts = (hi_r - lo_r)[:, None] * (hi_c - lo_c)[None, :]
-    return sums.astype(np.float32) / counts[None, :, :, None].astype(np.float32)
+    return sums.float() / counts[None, :, :, None].float()
 
 
-def _crops(integral, boxes, frame_idx, size):
+def _crops(integral, boxes, frame_idx, size: int):
     """Area-resized size x size crops of the boxes, clipped to the frame as facenet-pytorch
     does (no zero padding). Returns the crops and a mask of the boxes that kept any pixel."""
     height, width = integral.shape[1] - 1, integral.shape[2] - 1
-    x1, y1, x2, y2 = np.trunc(boxes[:, :4]).astype(np.int64).T
-    left, top = np.maximum(x1, 1) - 1, np.maximum(y1, 1) - 1   # MTCNN's 1-based corners
-    right, bottom = np.minimum(x2, width), np.minimum(y2, height)
+    x1, y1, x2, y2 = torch.trunc(boxes[:, :4]).long().T
+    left, top = x1.clamp(min=1) - 1, y1.clamp(min=1) - 1     # MTCNN's 1-based corners
+    right, bottom = x2.clamp(max=width), y2.clamp(max=height)
     ok = (right > left) & (bottom > top)
     left, top, right, bottom, frame_idx = left[ok], top[ok], right[ok], bottom[ok], frame_idx[ok]
     lo_r, hi_r = _bins(top, bottom - top, size)
@@ -375,15 +449,17 @@ def _crops(integral, boxes, frame_idx, size):
         return integral[f, r[:, :, None], c[:, None, :]]
     sums = corner(hi_r, hi_c) - corner(lo_r, hi_c) - corner(hi_r, lo_c) + corner(lo_r, lo_c)
     counts = (hi_r - lo_r)[:, :, None] * (hi_c - lo_c)[:, None, :]
-    return sums.astype(np.float32) / counts[..., None].astype(np.float32), ok
+    return sums.float() / counts[..., None].float(), ok
 
 
-def _downscale(frames, height, width):
+def _downscale(frames, height: int, width: int):
     # Frame by frame: a clip-wide integral image of full-size frames would be 4 bytes a subpixel.
-    return np.stack([np.rint(_resize_frames(_integral_images(frame[None]), height, width)[0])
-                     .astype(np.uint8) for frame in frames])
+    return torch.stack([torch.round(_resize_frames(_integral_images(frame[None]), height, width)[0])
+                        .to(torch.uint8) for frame in frames])
 
 
 def _normalise(images):
-    """[N, h, w, 3] 0-255 -> [N, 3, h, w] as the nets were trained: (x - 127.5) / 128."""
-    return np.ascontiguousarray(((images - 127.5) * 0.0078125).transpose(0, 3, 1, 2), np.float32)
+    """[N, h, w, 3] 0-255 -> [N, 3, h, w] as the nets were trained: (x - 127.5) / 128.
+
+    A view of the NHWC result: channels-last memory, which torch_runner feeds oneDNN as is."""
+    return ((images - 127.5) * 0.0078125).permute(0, 3, 1, 2)

@@ -29,7 +29,7 @@ class Predictor:
                  device: str = "cpu", fuse: bool = True):
         from fv2es.checkpoint import default_model, load_checkpoint
         from fv2es.model.text import load_tokenizer
-        from fv2es.mtcnn import load_mtcnn_nets
+        from fv2es.mtcnn import load_mtcnn_nets, torch_runner
         from fv2es.runners import TorchRunner
 
         if model is None:
@@ -39,11 +39,12 @@ class Predictor:
             model.fuse_repvgg()
         self.model = model
         runner = TorchRunner({"visual": model.visual_net(), "audio": model.audio_net(),
-                              "text": model.text_net(), "fusion": model.fusion_net(),
-                              **load_mtcnn_nets()}, device=device)
+                              "text": model.text_net(), "fusion": model.fusion_net()}, device=device)
+        mtcnn_run = torch_runner({name: net.to(device) for name, net in load_mtcnn_nets().items()})
         tokenizer = load_tokenizer(model.config)
         self.steps = [make_step(s.name, runner=runner, tokenizer=tokenizer, transcriber=transcriber,
-                                weights_id=model.weights_id, label_set=model.config.label_set)
+                                weights_id=model.weights_id, label_set=model.config.label_set,
+                                mtcnn_run=mtcnn_run, device=device)
                       for s in STEPS]
 
     def predict(self, media: bytes | str | Path, transcript: str = "", progress=None) -> PredictorOutput:

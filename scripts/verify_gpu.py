@@ -78,7 +78,7 @@ def in_process_checks(checks: Checks, clips: Path, dali: bool) -> None:
     nets = mtcnn.load_mtcnn_nets()
     boxes, scores = mtcnn.detect_faces(frames, mtcnn.torch_runner(nets))
     gpu_nets = {name: net.cuda() for name, net in mtcnn.load_mtcnn_nets().items()}
-    got_boxes, got_scores = gpu_steps.TorchMTCNN(gpu_nets).detect_faces(torch.from_numpy(frames).cuda())
+    got_boxes, got_scores = mtcnn.detect_faces(torch.from_numpy(frames).cuda(), mtcnn.torch_runner(gpu_nets))
     box_error = float(np.abs(got_boxes.cpu().numpy() - boxes).max())
     checks.add("MTCNN on the GPU", box_error <= 1.0 and np.array_equal(got_scores.cpu().numpy() > 0, scores > 0),
                f"largest box difference {box_error:.3g} px, faces found in the same frames")

@@ -5,8 +5,8 @@
   the GPU (FORCE_CPU_ONLY_INPUT_TENSORS "no"); the ensemble is the cpu profile's.
 - Its files run on CPU: the DALI models (device_id=None) and the torch steps built from their
   folders give the cpu profile's outputs (bit for bit where the same ops run: MTCNN, crops, mel).
-- The GPU code's CPU-runnable logic: batched NMS against the numpy reference, the bucketing
-  runner in fp32 and bf16, the decode routing policy and its host slots.
+- The GPU code's CPU-runnable logic: the bucketing runner in fp32 and bf16, the decode
+  routing policy and its host slots.
 - The whole profile served by the real tritonserver with every step on CPU (device="cpu"):
   the GPU adapter's DLPack paths, against the in-process predictor.
 """
@@ -228,14 +228,15 @@ def test_decode_glue_applies_rotation_after_dali(built, vp9_clip):
         np.testing.assert_allclose(got[name], want[name], atol=1e-6, err_msg=name)
 
 
-def test_torch_mtcnn_crops_and_mel_match_the_numpy_reference(built, face_clip, noface_clip):
-    nets = gpu_steps.load_mtcnn(built("none-gpu-torch") / "detect_faces" / "1", "cpu")
-    detector = gpu_steps.TorchMTCNN(nets)
+def test_gpu_detect_crops_and_mel_match_the_cpu_steps(built, face_clip, noface_clip):
+    folder = built("none-gpu-torch") / "detect_faces" / "1"
+    detector = gpu_steps.build_step({"step": "detect_faces"}, folder, "cpu")
     for path, faces_expected in ((face_clip, True), (noface_clip, False)):
         frames = media.decode_video(path).frames
-        boxes, scores = mtcnn.detect_faces(frames, mtcnn.torch_runner(nets))
+        boxes, scores = mtcnn.detect_faces(frames, mtcnn.torch_runner(mtcnn.load_mtcnn_nets()))
         assert (scores > 0).all() if faces_expected else (scores == 0).all()
-        got_boxes, got_scores = detector.detect_faces(torch.from_numpy(frames))
+        got = detector.process({"FRAMES": torch.from_numpy(frames)})
+        got_boxes, got_scores = got["FACE_BOXES"], got["FACE_SCORES"]
         np.testing.assert_array_equal(got_boxes.numpy(), boxes)
         np.testing.assert_array_equal(got_scores.numpy(), scores)
         faces = gpu_steps.crop_faces(torch.from_numpy(frames), got_boxes, got_scores)
@@ -249,8 +250,8 @@ def test_torch_mtcnn_crops_and_mel_match_the_numpy_reference(built, face_clip, n
 
 
 def test_no_frames_give_no_faces():
-    nets = mtcnn.load_mtcnn_nets()
-    boxes, scores = gpu_steps.TorchMTCNN(nets).detect_faces(torch.zeros((0, 0, 0, 3), dtype=torch.uint8))
+    run_net = mtcnn.torch_runner(mtcnn.load_mtcnn_nets())
+    boxes, scores = mtcnn.detect_faces(torch.zeros((0, 0, 0, 3), dtype=torch.uint8), run_net)
     assert boxes.shape == (0, 4) and scores.shape == (0,)
     assert gpu_steps.crop_faces(torch.zeros((0, 0, 0, 3), dtype=torch.uint8), boxes, scores).shape == (0, 3, 48, 48)
 
@@ -317,21 +318,7 @@ def test_runner_matches_torch_runner_within_its_tolerance(small_model, precision
         assert error <= TOLERANCE[precision], (network, error)
 
 
-# --- NMS and the decode routing policy --------------------------------------------------------
-
-@pytest.mark.parametrize("over_smaller", [False, True])
-def test_batched_nms_matches_the_numpy_reference(over_smaller):
-    rng = np.random.default_rng(4)
-    corner = rng.uniform(0, 100, (400, 2)).astype(np.float32)
-    boxes = np.concatenate([corner, corner + rng.uniform(5, 40, (400, 2)).astype(np.float32),
-                            rng.uniform(0, 1, (400, 1)).astype(np.float32)], axis=1)
-    groups = rng.integers(0, 6, 400)
-    boxes[:10, 4] = 0.5     # ties keep the input order
-    want = mtcnn.nms(boxes, groups, 0.5, over_smaller)
-    got = gpu_steps.batched_nms(torch.from_numpy(boxes), torch.from_numpy(groups), 0.5, over_smaller)
-    assert 0 < len(want) < 400
-    np.testing.assert_array_equal(got.numpy(), want)
-
+# --- the decode routing policy --------------------------------------------------------
 
 def test_host_slots_are_shared_and_released(tmp_path):
     first, second = gpu_steps.HostSlots(tmp_path, 1), gpu_steps.HostSlots(tmp_path, 1)

@@ -12,7 +12,7 @@ import torch
 from fv2es_client.contract import NETWORKS
 
 from fv2es.mtcnn import (nms, detect_all_faces, detect_faces, detect_faces_per_frame,
-                         load_mtcnn_nets, torch_runner)
+                         load_mtcnn_nets, plain_torch_runner, torch_runner)
 
 # Face regions judged by eye on grid-lined crops (x1, y1, x2, y2).
 ASTRONAUT_FACE = (180, 75, 265, 182)      # cheek to cheek, hairline to chin
@@ -111,7 +111,7 @@ def test_batched_equals_per_frame(run, carphone):
         calls.append(name)
         return run(name, batch)
     batched = detect_faces(frames, counting_run)
-    eager = detect_faces_per_frame(frames, run)
+    eager = detect_faces_per_frame(frames, plain_torch_runner(load_mtcnn_nets()))   # NCHW, as facenet-pytorch
     assert calls.count("rnet") == 1 and calls.count("onet") == 1
     np.testing.assert_allclose(batched[0], eager[0], atol=1e-3)
     np.testing.assert_allclose(batched[1], eager[1], atol=1e-5)
@@ -156,14 +156,46 @@ def test_frame_sizes(run):
 
 def test_nms_keeps_groups_apart():
     # Box, score: two frames hold the same two overlapping boxes plus a distant one.
-    rows = np.array([[0, 0, 10, 10, 0.9], [1, 1, 11, 11, 0.8], [50, 50, 60, 60, 0.7]], np.float32)
-    boxes = np.concatenate([rows, rows])
-    keep = nms(boxes, np.array([0, 0, 0, 1, 1, 1]), 0.5)
+    rows = torch.tensor([[0, 0, 10, 10, 0.9], [1, 1, 11, 11, 0.8], [50, 50, 60, 60, 0.7]])
+    boxes = torch.cat([rows, rows])
+    keep = nms(boxes, torch.tensor([0, 0, 0, 1, 1, 1]), 0.5)
     assert keep.tolist() == [0, 2, 3, 5]
     # Intersection over the smaller box suppresses a box nested in a bigger one; IoU does not.
-    nested = np.array([[0, 0, 20, 20, 0.9], [5, 5, 12, 12, 0.8]], np.float32)
-    assert nms(nested, np.zeros(2, int), 0.7).tolist() == [0, 1]
-    assert nms(nested, np.zeros(2, int), 0.7, over_smaller=True).tolist() == [0]
+    nested = torch.tensor([[0, 0, 20, 20, 0.9], [5, 5, 12, 12, 0.8]])
+    assert nms(nested, torch.zeros(2, dtype=torch.long), 0.7).tolist() == [0, 1]
+    assert nms(nested, torch.zeros(2, dtype=torch.long), 0.7, over_smaller=True).tolist() == [0]
+
+
+def _greedy_nms(boxes, threshold, over_smaller):
+    """Textbook greedy NMS of one group, one box at a time: the reference for nms."""
+    pixel = 1.0 if over_smaller else 0.0
+    order = sorted(range(len(boxes)), key=lambda i: -boxes[i][4])    # stable: ties in input order
+    kept = []
+    for i in order:
+        def overlap(j):
+            w = max(0.0, min(boxes[i][2], boxes[j][2]) - max(boxes[i][0], boxes[j][0]) + pixel)
+            h = max(0.0, min(boxes[i][3], boxes[j][3]) - max(boxes[i][1], boxes[j][1]) + pixel)
+            area = [(b[2] - b[0] + pixel) * (b[3] - b[1] + pixel) for b in (boxes[i], boxes[j])]
+            return w * h / (min(area) if over_smaller else area[0] + area[1] - w * h)
+        if all(overlap(j) <= threshold for j in kept):
+            kept.append(i)
+    return kept
+
+
+@pytest.mark.parametrize("over_smaller", [False, True])
+def test_nms_rounds_match_one_box_at_a_time(over_smaller):
+    rng = np.random.default_rng(4)
+    corner = rng.uniform(0, 100, (300, 2))
+    boxes = np.concatenate([corner, corner + rng.uniform(5, 40, (300, 2)), rng.uniform(0, 1, (300, 1))], axis=1)
+    boxes = boxes.astype(np.float32)
+    boxes[:10, 4] = 0.5     # ties keep the input order
+    groups = rng.integers(0, 6, 300)
+    got = nms(torch.from_numpy(boxes), torch.from_numpy(groups), 0.5, over_smaller).tolist()
+    want = []
+    for g in range(6):
+        members = np.nonzero(groups == g)[0]
+        want += [int(members[k]) for k in _greedy_nms(boxes[members].astype(np.float64), 0.5, over_smaller)]
+    assert 0 < len(got) < 300 and got == want
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")   # the TorchScript exporter's notice
@@ -182,7 +214,8 @@ def test_onnx_runtime_finds_the_same_face(nets, run):
         sessions[name] = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
 
     def run_onnx(name, batch):
-        return tuple(sessions[name].run(None, {"image": batch}))
+        outputs = sessions[name].run(None, {"image": np.ascontiguousarray(batch.numpy())})
+        return tuple(torch.from_numpy(o) for o in outputs)
     frames = np.stack([astronaut(), cameraman()])
     expected = detect_faces(frames, run)
     got = detect_faces(frames, run_onnx)

@@ -11,9 +11,9 @@ What does cross, and why:
 - the per-modality logits, at fusion, which runs on the host: they are part of the
   response anyway, and a Linear(3 -> 1) is not worth a GPU.
 
-The MTCNN, crop and mel code mirrors the numpy reference (fv2es.mtcnn, fv2es.features)
-operation for operation, so on the same device it gives the same numbers (the tests
-compare them on CPU); every step runs on device "cpu" too.
+MTCNN is fv2es.mtcnn itself (torch on any device); the crop and mel code mirrors the numpy
+reference (fv2es.features) operation for operation, so on the same device it gives the same
+numbers (the tests compare them on CPU); every step runs on device "cpu" too.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from fv2es import features, steps
 from fv2es.gpu.dali_pipelines import (
     CPU_CODECS, FRAME_INDICES, MEDIA_U8, probe_video, require_dali, sample_indices,
 )
-from fv2es.mtcnn import DETECT_MAX_SIDE, THRESHOLDS, pyramid_scales
+from fv2es import mtcnn
 
 log = logging.getLogger(__name__)
 
@@ -50,213 +50,6 @@ def pad_stack(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         stacked[i, :len(t)] = t
         mask[i, :len(t)] = True
     return stacked, mask
-
-
-# --- MTCNN on torch: fv2es.mtcnn's algorithm, step for step ---------------------------------
-# Integral images are int32: 255 * 1280 * 1280 (the largest frame) fits, and bin sums are
-# exact as in the numpy reference's uint32.
-
-def _group_order(groups: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """np.lexsort((key, groups)): by group, then ascending key, ties in input order."""
-    by_key = torch.sort(key, stable=True).indices
-    return by_key[torch.sort(groups[by_key], stable=True).indices]
-
-
-def batched_nms(boxes: torch.Tensor, groups: torch.Tensor, threshold: float,
-                over_smaller: bool = False) -> torch.Tensor:
-    """fv2es.mtcnn.nms on torch: greedy NMS within each group, all groups a round at a time.
-
-    Returns the kept indices, ordered by group, then descending score (boxes[:, 4]).
-    """
-    if len(boxes) == 0:
-        return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    order = _group_order(groups, -boxes[:, 4])
-    _, group_row, group_size = torch.unique(groups[order], return_inverse=True, return_counts=True)
-    slot = torch.arange(len(order), device=boxes.device) - torch.repeat_interleave(
-        torch.cumsum(group_size, 0) - group_size, group_size)
-    padded = boxes.new_zeros((len(group_size), int(group_size.max()), 4))
-    padded[group_row, slot] = boxes[order, :4]
-    alive = torch.zeros(padded.shape[:2], dtype=torch.bool, device=boxes.device)
-    alive[group_row, slot] = True
-    kept = torch.zeros_like(alive)
-
-    pixel = 1.0 if over_smaller else 0.0
-    x1, y1, x2, y2 = padded.unbind(2)
-    area = (x2 - x1 + pixel) * (y2 - y1 + pixel)
-    rows = torch.arange(len(group_size), device=boxes.device)
-    while alive.any():      # one host sync a round; rounds = most boxes kept in one group
-        has = alive.any(dim=1)
-        best = alive.to(torch.uint8).argmax(dim=1)      # first alive = highest score
-        kept[rows, best] |= has
-        alive[rows, best] = False
-        bx1, by1, bx2, by2, best_area = (a[rows, best][:, None] for a in (x1, y1, x2, y2, area))
-        inter = ((torch.minimum(bx2, x2) - torch.maximum(bx1, x1) + pixel).clamp(min=0)
-                 * (torch.minimum(by2, y2) - torch.maximum(by1, y1) + pixel).clamp(min=0))
-        if over_smaller:
-            overlap = inter / torch.minimum(best_area, area)
-        else:
-            overlap = inter / (best_area + area - inter)
-        alive &= ~(overlap > threshold)
-    return order[kept[group_row, slot]]
-
-
-def _integral_images(frames: torch.Tensor) -> torch.Tensor:
-    count, height, width = frames.shape[:3]
-    integral = torch.zeros((count, height + 1, width + 1, 3), dtype=torch.int32, device=frames.device)
-    integral[:, 1:, 1:] = frames.cumsum(1, dtype=torch.int32).cumsum(2, dtype=torch.int32)
-    return integral
-
-
-def _bins(start: torch.Tensor, span: torch.Tensor, size: int):
-    i = torch.arange(size, device=start.device)
-    lo = start[:, None] + i * span[:, None] // size
-    hi = start[:, None] + ((i + 1) * span[:, None] + size - 1) // size
-    return lo, hi
-
-
-def _resize_frames(integral: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    zero = torch.zeros(1, dtype=torch.long, device=integral.device)
-    lo_r, hi_r = (b[0] for b in _bins(zero, zero + integral.shape[1] - 1, height))
-    lo_c, hi_c = (b[0] for b in _bins(zero, zero + integral.shape[2] - 1, width))
-    rows = integral.index_select(1, hi_r) - integral.index_select(1, lo_r)
-    sums = rows.index_select(2, hi_c) - rows.index_select(2, lo_c)
-    counts = (hi_r - lo_r)[:, None] * (hi_c - lo_c)[None, :]
-    return sums.float() / counts[None, :, :, None].float()
-
-
-def _crops(integral: torch.Tensor, boxes: torch.Tensor, frame_idx: torch.Tensor, size: int):
-    height, width = integral.shape[1] - 1, integral.shape[2] - 1
-    x1, y1, x2, y2 = torch.trunc(boxes[:, :4]).long().T
-    left, top = x1.clamp(min=1) - 1, y1.clamp(min=1) - 1
-    right, bottom = x2.clamp(max=width), y2.clamp(max=height)
-    ok = (right > left) & (bottom > top)
-    left, top, right, bottom, frame_idx = left[ok], top[ok], right[ok], bottom[ok], frame_idx[ok]
-    lo_r, hi_r = _bins(top, bottom - top, size)
-    lo_c, hi_c = _bins(left, right - left, size)
-    f = frame_idx[:, None, None]
-
-    def corner(r, c):
-        return integral[f, r[:, :, None], c[:, None, :]]
-    sums = corner(hi_r, hi_c) - corner(lo_r, hi_c) - corner(hi_r, lo_c) + corner(lo_r, lo_c)
-    counts = (hi_r - lo_r)[:, :, None] * (hi_c - lo_c)[:, None, :]
-    return sums.float() / counts[..., None].float(), ok
-
-
-def _downscale(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    return torch.stack([torch.round(_resize_frames(_integral_images(frame[None]), height, width)[0])
-                        .to(torch.uint8) for frame in frames])
-
-
-def _normalise(images: torch.Tensor) -> torch.Tensor:
-    return ((images - 127.5) * 0.0078125).permute(0, 3, 1, 2).contiguous()
-
-
-def _regress(boxes, offsets):
-    size = boxes[:, 2:4] - boxes[:, 0:2] + 1
-    corrected = boxes[:, :4] + offsets * torch.cat([size, size], dim=1)
-    return torch.cat([corrected, boxes[:, 4:5]], dim=1)
-
-
-def _square(boxes):
-    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
-    w, h = x2 - x1, y2 - y1
-    side = torch.maximum(w, h)
-    x1 = x1 + w * 0.5 - side * 0.5
-    y1 = y1 + h * 0.5 - side * 0.5
-    return torch.stack([x1, y1, x1 + side, y1 + side, boxes[:, 4]], dim=1)
-
-
-class TorchMTCNN:
-    """fv2es.mtcnn.detect_faces with the frames, the nets and every candidate on one device."""
-
-    def __init__(self, nets: dict[str, torch.nn.Module], max_side: int | None = DETECT_MAX_SIDE):
-        self.nets = nets
-        self.max_side = max_side
-
-    def _run(self, name, images):
-        # fp32 without TF32: the stage thresholds must see the reference's scores.
-        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-            return self.nets[name](_normalise(images))
-
-    @torch.inference_mode()
-    def detect_faces(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The largest face of each frame: (boxes float32 [F, 4], scores float32 [F]), 0 where none."""
-        boxes, scores, frame_idx = self.detect_all_faces(frames)
-        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        order = _group_order(frame_idx, -area)
-        ordered = frame_idx[order]
-        first = torch.ones_like(ordered, dtype=torch.bool)
-        first[1:] = ordered[1:] != ordered[:-1]
-        chosen = order[first]
-        out_boxes = torch.zeros((len(frames), 4), dtype=torch.float32, device=frames.device)
-        out_scores = torch.zeros(len(frames), dtype=torch.float32, device=frames.device)
-        out_boxes[frame_idx[chosen]] = boxes[chosen]
-        out_scores[frame_idx[chosen]] = scores[chosen]
-        return out_boxes, out_scores
-
-    def detect_all_faces(self, frames: torch.Tensor):
-        device = frames.device
-        count, height, width = frames.shape[:3]
-        empty = (torch.zeros((0, 4), device=device), torch.zeros(0, device=device),
-                 torch.zeros(0, dtype=torch.long, device=device))
-        if count == 0:
-            return empty
-        if self.max_side and max(height, width) > self.max_side:
-            shrink = self.max_side / max(height, width)
-            frames = _downscale(frames, max(1, round(height * shrink)), max(1, round(width * shrink)))
-        integral = _integral_images(frames)
-        boxes, frame_idx = self._propose(integral)
-        if len(boxes):
-            boxes, frame_idx = self._refine(integral, boxes, frame_idx)
-        if len(boxes):
-            boxes, frame_idx = self._output(integral, boxes, frame_idx)
-        to_frame = torch.tensor([width / frames.shape[2], height / frames.shape[1]] * 2, device=device)
-        return boxes[:, :4] * to_frame, boxes[:, 4].clone(), frame_idx
-
-    def _propose(self, integral):
-        height, width = integral.shape[1] - 1, integral.shape[2] - 1
-        found = []
-        for scale in pyramid_scales(height, width):
-            images = _resize_frames(integral, int(height * scale + 1), int(width * scale + 1))
-            offsets, probs = self._run("pnet", images)[:2]
-            frame_idx, row, col = torch.nonzero(probs[:, 1] >= THRESHOLDS[0], as_tuple=True)
-            corner = torch.stack([col, row], dim=1).float()
-            boxes = torch.cat([
-                torch.floor((2 * corner + 1) / scale), torch.floor((2 * corner + 12) / scale),
-                probs[frame_idx, 1, row, col][:, None], offsets[frame_idx, :, row, col],
-            ], dim=1)
-            keep = batched_nms(boxes, frame_idx, 0.5)
-            found.append((boxes[keep], frame_idx[keep]))
-        if not found:
-            return (torch.zeros((0, 9), device=integral.device),
-                    torch.zeros(0, dtype=torch.long, device=integral.device))
-        boxes = torch.cat([b for b, _ in found])
-        frame_idx = torch.cat([f for _, f in found])
-        keep = batched_nms(boxes, frame_idx, 0.7)
-        boxes, frame_idx = boxes[keep], frame_idx[keep]
-        size = torch.cat([boxes[:, 2:4] - boxes[:, 0:2]] * 2, dim=1)
-        calibrated = torch.cat([boxes[:, :4] + boxes[:, 5:9] * size, boxes[:, 4:5]], dim=1)
-        return _square(calibrated), frame_idx
-
-    def _refine(self, integral, boxes, frame_idx):
-        crops, ok = _crops(integral, boxes, frame_idx, 24)
-        boxes, frame_idx = boxes[ok], frame_idx[ok]
-        offsets, probs = self._run("rnet", crops)[:2]
-        passed = probs[:, 1] > THRESHOLDS[1]
-        boxes = torch.cat([boxes[passed, :4], probs[passed, 1:2]], dim=1)
-        offsets, frame_idx = offsets[passed], frame_idx[passed]
-        keep = batched_nms(boxes, frame_idx, 0.7)
-        return _square(_regress(boxes[keep], offsets[keep])), frame_idx[keep]
-
-    def _output(self, integral, boxes, frame_idx):
-        crops, ok = _crops(integral, boxes, frame_idx, 48)
-        boxes, frame_idx = boxes[ok], frame_idx[ok]
-        offsets, _landmarks, probs = self._run("onet", crops)[:3]
-        passed = probs[:, 1] > THRESHOLDS[2]
-        boxes = torch.cat([boxes[passed, :4], probs[passed, 1:2]], dim=1)
-        boxes, frame_idx = _regress(boxes, offsets[passed]), frame_idx[passed]
-        keep = batched_nms(boxes, frame_idx, 0.7, over_smaller=True)
-        return boxes[keep], frame_idx[keep]
 
 
 # --- face crops and mel pieces: fv2es.features on torch --------------------------------------
@@ -426,10 +219,10 @@ class DetectFaces(steps.Step):
     name = "detect_faces"
 
     def __init__(self, nets: dict[str, torch.nn.Module]):
-        self.mtcnn = TorchMTCNN(nets)
+        self.run_net = mtcnn.torch_runner(nets)
 
     def process(self, clip):
-        boxes, scores = self.mtcnn.detect_faces(clip["FRAMES"])
+        boxes, scores = mtcnn.detect_faces(clip["FRAMES"], self.run_net)
         return {"FACE_BOXES": boxes, "FACE_SCORES": scores}
 
 
@@ -483,28 +276,6 @@ CHECKPOINT_DIR = "checkpoint"           # our checkpoint (fv2es.checkpoint), in 
 VIDEO_PIPELINE_FILE = "decode_video_dali.dali"
 
 
-def save_mtcnn(folder: Path) -> None:
-    """P/R/O-Net weights as safetensors beside detect_faces' model.py."""
-    from safetensors.torch import save_file
-
-    from fv2es.mtcnn import load_mtcnn_nets
-
-    for name, net in load_mtcnn_nets().items():
-        save_file(net.state_dict(), folder / f"{name}.safetensors")
-
-
-def load_mtcnn(folder: Path, device: str) -> dict[str, torch.nn.Module]:
-    from safetensors.torch import load_file
-
-    from fv2es.mtcnn import ONet, PNet, RNet
-
-    nets = {"pnet": PNet(), "rnet": RNet(), "onet": ONet()}
-    for name, net in nets.items():
-        net.load_state_dict(load_file(folder / f"{name}.safetensors"))
-        net.eval().requires_grad_(False).to(device)
-    return nets
-
-
 def host_slots_for(version_dir: Path, count: int) -> HostSlots:
     """The slots every instance of one served model shares (keyed by its folder)."""
     import hashlib
@@ -530,7 +301,7 @@ def build_step(params: dict[str, str], version_dir: Path, device: str, nvdec=Non
         return DecodeVideo(nvdec, host_slots_for(version_dir, int(params["host_decodes"])),
                            NVDEC_CODECS if on_gpu else CPU_CODECS)
     if name == "detect_faces":
-        return DetectFaces(load_mtcnn(version_dir, device))
+        return DetectFaces(mtcnn.load_saved_nets(version_dir, device))
     if name == "crop_faces":
         return CropFaces()
     if name == "mel_pieces":

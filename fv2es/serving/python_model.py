@@ -19,7 +19,11 @@ from fv2es.steps import STEP_NETWORKS, make_step
 def build_served_step(params: dict[str, str], version_dir: Path):
     """The step named by the config, with the resources found in its version folder."""
     name = params["step"]
-    runner = tokenizer = transcriber = None
+    runner = tokenizer = transcriber = mtcnn_run = None
+    if name == "detect_faces":
+        from fv2es.mtcnn import load_saved_nets, torch_runner
+
+        mtcnn_run = torch_runner(load_saved_nets(version_dir))
     if name in STEP_NETWORKS:
         from fv2es.runners import OnnxRunner
 
@@ -35,7 +39,8 @@ def build_served_step(params: dict[str, str], version_dir: Path):
         transcriber = Transcriber(params["asr_model"], device=params.get("asr_device", "cpu"),
                                   compute_type=params.get("asr_compute_type") or None)
     return make_step(name, runner=runner, tokenizer=tokenizer, transcriber=transcriber,
-                     weights_id=params.get("weights_id", ""), label_set=params.get("label_set", ""))
+                     weights_id=params.get("weights_id", ""), label_set=params.get("label_set", ""),
+                     mtcnn_run=mtcnn_run)
 
 
 def as_contract_dtype(name: str, value: np.ndarray) -> np.ndarray:
