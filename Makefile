@@ -7,6 +7,7 @@ REPO ?= model_repository
 CHECKPOINT ?=
 TEXT_BACKBONE ?=
 LABEL_SET ?=
+PRECISION ?= fp32
 GRPC_PORT ?= 8001
 HTTP_PORT ?= 8000
 METRICS_PORT ?= 8002
@@ -24,9 +25,10 @@ $(BIN)/.installed: pyproject.toml client/pyproject.toml
 
 setup: $(BIN)/.installed
 
-# The cpu profile of the model repository, from CHECKPOINT (default: untrained seeded weights).
+# The cpu profile of the model repository, from CHECKPOINT (default: untrained seeded weights);
+# PRECISION=int8 quantises the visual and audio encoders (ONNX Runtime dynamic quantisation).
 repository: setup
-	$(BIN)/python -m builders.build_repository --profile cpu --output $(REPO) \
+	$(BIN)/python -m builders.build_repository --profile cpu --output $(REPO) --precision $(PRECISION) \
 		$(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(TEXT_BACKBONE),--text-backbone $(TEXT_BACKBONE)) \
 		$(if $(LABEL_SET),--label-set $(LABEL_SET))
 

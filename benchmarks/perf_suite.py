@@ -56,8 +56,13 @@ def machine_facts(module: str, args: list[str]) -> dict:
     def git(*args):
         result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
         return result.stdout.strip() if result.returncode == 0 else "unknown"
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), [])
     facts = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
              "cpu": cpu, "cores": os.cpu_count(),
+             # What the fp32 and int8 GEMMs can use: results differ most between these.
+             "cpu_features": " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8")
+                                      if f in flags) or "none of avx2/avx512/amx",
              "command": " ".join(["python -m", module, *args]),
              "commit": git("rev-parse", "HEAD"),
              "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no"))}

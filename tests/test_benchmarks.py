@@ -129,8 +129,9 @@ def test_goals_are_judged_on_the_best_level_of_every_config():
             {"config": "a", "system": "served cpu int8", "speedup_vs_eager": 3.5},
             {"config": "b", "system": "served cpu int8", "speedup_vs_eager": 3.1}]
     fp32, int8 = compare.goal_lines(rows, ["served cpu fp32", "served cpu int8"],
-                                    {"top_label_agreement": 0.98, "clips": 50})
+                                    {"top_label_agreement": 0.98, "clips": 50}, {"a": 1.7, "b": 1.25})
     assert "NOT met" in fp32 and "a 1.60x" in fp32 and "b 1.40x" in fp32
+    assert fp32.endswith("a 1.70x, b 1.25x") and "bound" not in int8
     assert ">= 3.0x the eager baseline's clips/s: met" in int8 and "98.0% on 50 clips" in int8
     assert int8.endswith("NOT met)")
 

@@ -76,3 +76,48 @@ def test_parity_check_catches_a_difference(networks, tmp_path):
     finally:
         with torch.no_grad():
             model.weighted_fusion.weight.sub_(0.1)
+
+
+# --- the int8 build (builders.build_repository --precision int8) --------------------------------
+# Dynamic int8 quantisation of the encoders' Linear weights: not fp32 parity, a stated bound.
+# |int8 - torch| <= INT8_TOLERANCE * max |torch logit|, on random inputs and on inputs
+# preprocessed from real media (measured on these seeded weights: audio 1%, visual 2%).
+INT8_TOLERANCE = 0.03
+
+
+def real_inputs(clip_path) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Each encoder's inputs (batch of 1) preprocessed from a real clip, as the served steps do."""
+    from fv2es import features, media
+    from fv2es.model.text import encode, load_tokenizer
+    from fv2es.mtcnn import detect_faces, load_mtcnn_nets, torch_runner
+
+    data = clip_path.read_bytes()
+    frames = media.decode_video(data).frames
+    boxes, scores = detect_faces(frames, torch_runner(load_mtcnn_nets()))
+    faces = torch.from_numpy(features.crop_faces(frames, boxes, scores)).float()[None]
+    pieces = torch.from_numpy(features.mel_pieces(media.decode_audio(data).samples)).float()[None]
+    ids, mask = encode(load_tokenizer(default_model().config), "Well, I don't know, maybe we should wait.")
+    return {"visual": (faces, torch.ones(faces.shape[:2], dtype=torch.bool)),
+            "audio": (pieces, torch.ones(pieces.shape[:2], dtype=torch.bool)),
+            "text": (torch.from_numpy(ids)[None], torch.from_numpy(mask)[None])}
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_int8_encoders_stay_close_to_torch(networks, tmp_path, face_clip):
+    import numpy as np
+    import onnxruntime as ort
+
+    from builders.build_repository import INT8_NETWORKS, quantize_encoders
+
+    paths = {name: export_network(networks[name], name, tmp_path / f"{name}.onnx") for name in INT8_NETWORKS}
+    quantize_encoders(paths)
+    real = real_inputs(face_clip)
+    for name, path in paths.items():
+        assert any(n.op_type == "MatMulInteger" for n in onnx.load(str(path)).graph.node), name
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for inputs in (dummy_inputs(name, seed=1, **RUNS[name][0]), real[name]):
+            with torch.no_grad():
+                want = networks[name](*inputs).numpy()
+            got, = session.run(None, dict(zip(NETWORKS[name]["inputs"], (t.numpy() for t in inputs))))
+            error = np.abs(got - want).max() / np.abs(want).max()
+            assert 0 < error <= INT8_TOLERANCE, (name, error)

@@ -5,7 +5,14 @@ parameters say which step it is and where its artefacts are (beside model.py).
 """
 from __future__ import annotations
 
-import json
+import os
+
+# Before torch loads OpenMP: its worker threads sleep between parallel regions instead of
+# spinning. Every step of the server is a process of its own on the same cores, and
+# spinning threads starve the others (as ONNX Runtime's do: fv2es.runners).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import json  # noqa: E402
 from pathlib import Path
 
 import numpy as np
