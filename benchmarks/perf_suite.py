@@ -21,7 +21,6 @@ import datetime
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import numpy as np
 from fv2es_client.contract import ENSEMBLE
 
 from fv2es.serving.perf_analyzer import perf_analyzer_command, run_perf_analyzer, write_input_data
-from fv2es.serving.tritonserver import TritonServer
+from fv2es.serving.tritonserver import TritonServer, free_ports
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROFILES = ("cpu", "gpu")
@@ -118,16 +117,6 @@ def build_profile(profile: str, output: Path, precision: str = "fp32", asr: bool
                          f"importable here: {error}") from None
     # The python-backend DALI glue: the tritonserver we run has no DALI backend.
     return build_gpu(output, dali="python", encoders="torch", asr_model=asr_model)
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @contextmanager

@@ -126,16 +126,21 @@ class ONet(nn.Module):
         return self.dense6_2(x), self.dense6_3(x), torch.softmax(self.dense6_1(x), dim=1)
 
 
+def _nets(state_dict: Callable[[str], dict], device: str = "cpu") -> dict[str, nn.Module]:
+    """P/R/O-Net in eval mode on DEVICE, each with the weights state_dict(name) gives."""
+    nets = {"pnet": PNet(), "rnet": RNet(), "onet": ONet()}
+    for name, net in nets.items():
+        net.load_state_dict(state_dict(name))
+        net.eval().requires_grad_(False).to(device)
+    return nets
+
+
 def load_mtcnn_nets() -> dict[str, nn.Module]:
     """P/R/O-Net with facenet-pytorch 2.6.0's pretrained weights, in eval mode."""
     from fv2es.assets import extract_wheel
 
     data = extract_wheel("facenet-pytorch", "2.6.0", "facenet_pytorch/data/") / "facenet_pytorch" / "data"
-    nets = {"pnet": PNet(), "rnet": RNet(), "onet": ONet()}
-    for name, net in nets.items():
-        net.load_state_dict(torch.load(data / f"{name}.pt", weights_only=True))
-        net.eval().requires_grad_(False)
-    return nets
+    return _nets(lambda name: torch.load(data / f"{name}.pt", weights_only=True))
 
 
 def save_nets(nets: Mapping[str, nn.Module], folder) -> None:
@@ -154,11 +159,7 @@ def load_saved_nets(folder, device: str = "cpu") -> dict[str, nn.Module]:
 
     from safetensors.torch import load_file
 
-    nets = {"pnet": PNet(), "rnet": RNet(), "onet": ONet()}
-    for name, net in nets.items():
-        net.load_state_dict(load_file(Path(folder) / f"{name}.safetensors"))
-        net.eval().requires_grad_(False).to(device)
-    return nets
+    return _nets(lambda name: load_file(Path(folder) / f"{name}.safetensors"), device)
 
 
 def torch_runner(nets: Mapping[str, nn.Module]) -> RunNet:

@@ -17,6 +17,7 @@ from fv2es_client.contract import ENSEMBLE, MODALITIES
 
 from benchmarks import compare, perf_suite
 from fv2es.serving.perf_analyzer import write_input_data
+from fv2es.serving.tritonserver import free_ports
 
 # The baseline runs multi-branch RepVGG and MTCNN frame by frame, the predictor fused
 # blocks and batched frames: the same arithmetic up to float32 rounding.
@@ -137,7 +138,7 @@ def test_goals_are_judged_on_the_best_level_of_every_config():
 
 
 def test_closed_loop_counts_failures(tmp_path):
-    port, = perf_suite.free_ports(1)     # nothing listens there
+    port, = free_ports(1)     # nothing listens there
     load = perf_suite.closed_loop(f"127.0.0.1:{port}", [(b"not sent", "")], 2, count=3)
     assert load.count == 3 and len(load.errors) == 3 and not load.latencies
     assert all("ServerUnreachable" in error for error in load.errors)

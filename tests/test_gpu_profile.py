@@ -393,7 +393,7 @@ def served(built):
     import tritonclient.grpc as grpcclient
 
     from fv2es.serving.tritonserver import TritonServer
-    from test_server import free_ports
+    from fv2es.serving.tritonserver import free_ports
 
     repository = built("python-cpu-torch")
     http, grpc, metrics = free_ports(3)

@@ -21,23 +21,11 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from builders.build_repository import build_cpu
-from fv2es.serving.tritonserver import TritonServer
+from fv2es.serving.tritonserver import TritonServer, free_ports
 
 # Served ONNX Runtime vs in-process PyTorch, fp32: relative 1e-4, with an absolute floor
 # for values near zero (logits of order 1; float32 summation order differs).
 RTOL, ATOL = 1e-4, 1e-5
-
-
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="session")

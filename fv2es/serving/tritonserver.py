@@ -102,6 +102,17 @@ def _terminate_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def free_ports(count: int) -> list[int]:
+    """COUNT loopback ports free at this moment (for servers started by tests and benchmarks)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
 def _check_port_free(port: int) -> None:
     # Otherwise the readiness check could be answered by whatever already listens there.
     with socket.socket() as sock:
