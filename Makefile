@@ -21,6 +21,7 @@ $(BIN)/.installed: pyproject.toml client/pyproject.toml
 	bash scripts/install_system_deps.sh
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e client -e '.[dev,asr,dali]'
+	$(BIN)/python -m fv2es.assets
 	touch $@
 
 setup: $(BIN)/.installed
