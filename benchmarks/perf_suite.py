@@ -64,7 +64,9 @@ def machine_facts(module: str, args: list[str]) -> dict:
                                       if f in flags) or "none of avx2/avx512/amx",
              "command": " ".join(["python -m", module, *args]),
              "commit": git("rev-parse", "HEAD"),
-             "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no"))}
+             # Code, not earlier results: those are rewritten by every run.
+             "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no", "--",
+                                             ".", ":!benchmarks/results"))}
     if has_gpu():
         facts["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                                       capture_output=True, text=True).stdout.strip()
