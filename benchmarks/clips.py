@@ -2,7 +2,9 @@
 
 The generator is the tests' (tests/media_factory.py), imported here rather than copied, so
 benchmark clips and test clips are made the same way. Every clip is deterministic: the same
-command measures the same bytes on every machine.
+command measures the same bytes on every machine. A clip already in the folder is used as
+it is, so clips written elsewhere (`python -m benchmarks.clips DIR`) can travel to a host
+without the generator's dependencies (scipy, scikit-image): a bare GPU machine.
 """
 from __future__ import annotations
 
@@ -10,8 +12,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import media_factory  # noqa: E402
 
 # Spoken-style sentences; a clip's transcript cycles through them at ~2.5 words per second,
 # as speech does (a 10 s clip gets ~25 words, a 60 s one is cut at 100 tokens by tokenize).
@@ -48,10 +48,14 @@ def transcript_for(seconds: float, start: int = 0) -> str:
 
 
 def make(directory: Path, name: str, seconds: float, size=(640, 360), index: int = 0, **options) -> Clip:
-    """One H.264 + AAC mp4 (media_factory.make_clip options pass through)."""
+    """One H.264 + AAC mp4 (media_factory.make_clip options pass through); kept if present."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = media_factory.make_clip(directory / f"{name}-{index}.mp4", "mp4", "libx264", "aac", seconds,
-                                   size=size, **options)
+    path = directory / f"{name}-{index}.mp4"
+    if not path.exists():
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        import media_factory
+
+        media_factory.make_clip(path, "mp4", "libx264", "aac", seconds, size=size, **options)
     return Clip(name, path, seconds, size, transcript_for(seconds, start=index))
 
 
@@ -77,3 +81,9 @@ def varied_clips(directory: Path, count: int) -> list[Clip]:
     return [make(directory, "varied", 1.5 + 0.5 * (i % 3), size=sizes[i % 3], index=i,
                  face=i % 4 != 3, audio=audios[i % 4], tone_hz=220.0 + 110.0 * i, fps=20 + 5 * (i % 2))
             for i in range(count)]
+
+
+if __name__ == "__main__":
+    # The clips `compare --profile gpu` sends, for a host that cannot make them.
+    target = Path(sys.argv[1])
+    print("\n".join(str(c.path) for c in benchmark_clips(target) + [short_clip(target)]))

