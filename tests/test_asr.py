@@ -48,6 +48,15 @@ def test_silence_gives_empty_text(transcriber, clips):
     assert (text, source) == ("", "recognition")
 
 
+def test_repetition_loops_on_wordless_voice_are_dropped(transcriber, clips):
+    # media_factory's speech-like audio: voiced babble with no words, on which Whisper
+    # alone writes "Okay, okay, okay, ..." (compression ratio 3.9).
+    from media_factory import make_clip
+
+    path = make_clip(clips / "babble.mp4", "mp4", "libx264", "aac", 10.0, size=(160, 90), audio="speech")
+    assert transcriber.transcribe(read_audio(path)).text == ""
+
+
 def test_non_speech_sounds_give_empty_text(transcriber):
     # Without the VAD, Whisper turns this tone into "beep beep ..." and low hum into ". . .".
     t = np.arange(5 * 16000) / 16000
