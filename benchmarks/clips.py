@@ -47,15 +47,22 @@ def transcript_for(seconds: float, start: int = 0) -> str:
     return " ".join(words)
 
 
+def _media_factory():
+    """tests/media_factory.py, imported only when a clip must be written (it needs scipy)."""
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    import media_factory
+
+    return media_factory
+
+
 def make(directory: Path, name: str, seconds: float, size=(640, 360), index: int = 0, **options) -> Clip:
     """One H.264 + AAC mp4 (media_factory.make_clip options pass through); kept if present."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}-{index}.mp4"
     if not path.exists():
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        import media_factory
-
-        media_factory.make_clip(path, "mp4", "libx264", "aac", seconds, size=size, **options)
+        _media_factory().make_clip(path, "mp4", "libx264", "aac", seconds, size=size, **options)
     return Clip(name, path, seconds, size, transcript_for(seconds, start=index))
 
 

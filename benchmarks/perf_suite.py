@@ -48,15 +48,15 @@ def has_gpu() -> bool:
 
 def machine_facts(module: str, args: list[str]) -> dict:
     """What a result file must say about where and how it was measured (MODULE run with ARGS)."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+               platform.processor())
     repo = Path(__file__).resolve().parents[1]
 
     def git(*args):
         result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
         return result.stdout.strip() if result.returncode == 0 else "unknown"
-    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), [])
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
     facts = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
              "cpu": cpu, "cores": os.cpu_count(),
              # What the fp32 and int8 GEMMs can use: results differ most between these.

@@ -10,8 +10,8 @@ One deliberate difference: frames longer than `max_side` are detected on a small
 
 One implementation for every profile: the algorithm is torch code on the frames' device
 (CPU or CUDA), and the three nets are behind one seam, `run_net(name, images) -> outputs`
-(NCHW float32 tensors in, tensors in contract order out), which runs them as torch modules
-(`torch_runner`) or through any fv2es runner, ONNX Runtime or TensorRT (`runner_nets`).
+(NCHW float32 tensors in, tensors in contract order out): the served steps run them as torch
+modules (`torch_runner`); the tests also run them through ONNX Runtime.
 Each pyramid scale of P-Net sees all frames in one batch; R-Net and O-Net each see all
 candidates of all frames in one batch. On a GPU only the candidate counts of each stage and
 one flag per NMS round cross to the host.
@@ -23,6 +23,7 @@ integral images, so the bin sums are exact and every device gives the same bits.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
@@ -145,8 +146,6 @@ def load_mtcnn_nets() -> dict[str, nn.Module]:
 
 def save_nets(nets: Mapping[str, nn.Module], folder) -> None:
     """The nets' weights as safetensors in FOLDER (a served detect_faces model's version folder)."""
-    from pathlib import Path
-
     from safetensors.torch import save_file
 
     for name, net in nets.items():
@@ -155,8 +154,6 @@ def save_nets(nets: Mapping[str, nn.Module], folder) -> None:
 
 def load_saved_nets(folder, device: str = "cpu") -> dict[str, nn.Module]:
     """What save_nets wrote, in eval mode on DEVICE."""
-    from pathlib import Path
-
     from safetensors.torch import load_file
 
     return _nets(lambda name: load_file(Path(folder) / f"{name}.safetensors"), device)
@@ -175,16 +172,6 @@ def torch_runner(nets: Mapping[str, nn.Module]) -> RunNet:
                 return nets[name](images.contiguous(memory_format=torch.channels_last))
             with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
                 return nets[name](images.contiguous())
-    return run_net
-
-
-def runner_nets(runner) -> RunNet:
-    """A `run_net` over an fv2es runner (ONNX Runtime, TensorRT): numpy in and out."""
-    from fv2es.runners import output_names
-
-    def run_net(name, images):
-        outputs = runner(name, {"image": images.cpu().numpy()})
-        return tuple(torch.as_tensor(np.asarray(outputs[n])).to(images.device) for n in output_names(name))
     return run_net
 
 

@@ -85,7 +85,7 @@ def test_parity_check_catches_a_difference(networks, tmp_path):
 INT8_TOLERANCE = 0.03
 
 
-def real_inputs(clip_path) -> dict[str, tuple[torch.Tensor, ...]]:
+def real_inputs(clip_path, config) -> dict[str, tuple[torch.Tensor, ...]]:
     """Each encoder's inputs (batch of 1) preprocessed from a real clip, as the served steps do."""
     from fv2es import features, media
     from fv2es.model.text import encode, load_tokenizer
@@ -96,7 +96,7 @@ def real_inputs(clip_path) -> dict[str, tuple[torch.Tensor, ...]]:
     boxes, scores = detect_faces(frames, torch_runner(load_mtcnn_nets()))
     faces = torch.from_numpy(features.crop_faces(frames, boxes, scores)).float()[None]
     pieces = torch.from_numpy(features.mel_pieces(media.decode_audio(data).samples)).float()[None]
-    ids, mask = encode(load_tokenizer(default_model().config), "Well, I don't know, maybe we should wait.")
+    ids, mask = encode(load_tokenizer(config), "Well, I don't know, maybe we should wait.")
     return {"visual": (faces, torch.ones(faces.shape[:2], dtype=torch.bool)),
             "audio": (pieces, torch.ones(pieces.shape[:2], dtype=torch.bool)),
             "text": (torch.from_numpy(ids)[None], torch.from_numpy(mask)[None])}
@@ -111,7 +111,7 @@ def test_int8_encoders_stay_close_to_torch(networks, tmp_path, face_clip):
 
     paths = {name: export_network(networks[name], name, tmp_path / f"{name}.onnx") for name in INT8_NETWORKS}
     quantize_encoders(paths)
-    real = real_inputs(face_clip)
+    real = real_inputs(face_clip, networks["text"].model.config)
     for name, path in paths.items():
         assert any(n.op_type == "MatMulInteger" for n in onnx.load(str(path)).graph.node), name
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -12,7 +12,7 @@ import os
 # spinning threads starve the others (as ONNX Runtime's do: fv2es.runners).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import json  # noqa: E402
+import json
 from pathlib import Path
 
 import numpy as np

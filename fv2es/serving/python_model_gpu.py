@@ -10,6 +10,8 @@ The cpu profile's adapter (fv2es.serving.python_model) with three differences:
 """
 from __future__ import annotations
 
+# First: the cpu adapter sets the stub's thread policy, which must precede torch's import.
+from fv2es.serving import python_model  # isort: skip
 
 import numpy as np
 import torch
@@ -19,7 +21,6 @@ from fv2es_client.contract import NETWORKS, TENSORS
 from fv2es.gpu.dali_pipelines import FRAME_INDICES, MEDIA_U8
 from fv2es.gpu.steps import build_step
 from fv2es.runners import output_names
-from fv2es.serving import python_model
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64,
                 "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool}
