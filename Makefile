@@ -11,6 +11,8 @@ PRECISION ?= fp32
 GRPC_PORT ?= 8001
 HTTP_PORT ?= 8000
 METRICS_PORT ?= 8002
+# Loopback only: ADDRESS=0.0.0.0 exposes the server to the network (README, Security).
+ADDRESS ?= 127.0.0.1
 
 .PHONY: setup repository repository-gpu serve test bench clean
 
@@ -40,7 +42,7 @@ repository-gpu: setup
 
 serve: setup
 	test -f $(REPO)/fv2es/config.pbtxt || $(MAKE) repository
-	$(BIN)/python -m fv2es.serving.serve --model-repository $(REPO) \
+	$(BIN)/python -m fv2es.serving.serve --model-repository $(REPO) --address $(ADDRESS) \
 		--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT)
 
 test: setup

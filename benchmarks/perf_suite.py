@@ -123,11 +123,10 @@ def build_profile(profile: str, output: Path, precision: str = "fp32", asr: bool
 
 @contextmanager
 def serve(repository: Path, log_file: Path):
-    """tritonserver on free ports, listening on loopback only."""
+    """tritonserver on free ports, listening on loopback only (TritonServer's default)."""
     http, grpc, metrics = free_ports(3)
-    loopback = [f"--{kind}-address=127.0.0.1" for kind in ("http", "grpc", "metrics")]
     with TritonServer(repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
-                      log_file=log_file, extra_args=loopback) as server:
+                      log_file=log_file) as server:
         yield server
 
 

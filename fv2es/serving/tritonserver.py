@@ -29,6 +29,12 @@ from fv2es.assets import cache_dir, extract_wheel
 
 PYTRITON_WHEEL = ("nvidia-pytriton", "0.7.0")
 MODEL_CONTROL_MODES = ("none", "explicit")
+# With an admin key, these API groups answer only requests that carry the key in a header;
+# Triton's gRPC server expects its own prefix on the metadata key. Health, metadata,
+# model-config and inference stay open: clients and perf_analyzer need them.
+ADMIN_KEY_HEADER = "fv2es-admin-key"
+ADMIN_KEY_GRPC_HEADER = "triton-grpc-protocol-" + ADMIN_KEY_HEADER
+ADMIN_APIS = ("model-repository", "shared-memory", "statistics", "trace", "logging")
 # Error lines every start-up logs on a machine without CUDA; they are harmless.
 _CPU_ONLY_NOISE = ("CudaDriverHelper has not been initialized", "unable to create stream for")
 
@@ -38,6 +44,27 @@ class ServerFiles:
     binary: Path        # bin/tritonserver
     libs: Path          # the wheel's bundled shared libraries
     backends: Path      # for --backend-directory: python/ with the stub for this Python
+
+
+@dataclass(frozen=True)
+class GrpcTls:
+    """Serve gRPC over TLS: PEM files of the server's certificate (chain) and key. With
+    client_ca, only clients presenting a certificate that CA signed get in (mutual TLS)."""
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def check(self) -> None:
+        for what, path in (("certificate", self.cert), ("key", self.key), ("client CA", self.client_ca)):
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"gRPC TLS {what} file {path} does not exist")
+
+    def args(self) -> list[str]:
+        args = ["--grpc-use-ssl=true", f"--grpc-server-cert={Path(self.cert).resolve()}",
+                f"--grpc-server-key={Path(self.key).resolve()}"]
+        if self.client_ca is not None:
+            args += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={Path(self.client_ca).resolve()}"]
+        return args
 
 
 def server_files() -> ServerFiles:
@@ -113,15 +140,20 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def _check_port_free(port: int) -> None:
+def _local_host(address: str) -> str:
+    """The address a client on this machine dials to reach a server bound to ADDRESS."""
+    return "127.0.0.1" if address == "0.0.0.0" else address
+
+
+def _check_port_free(address: str, port: int) -> None:
     # Otherwise the readiness check could be answered by whatever already listens there.
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(("0.0.0.0", port))
+            sock.bind((address, port))
         except OSError as error:
-            raise RuntimeError(f"port {port} is taken ({error.strerror}): is another server running? "
-                               "Choose other ports") from None
+            raise RuntimeError(f"port {port} on {address} is taken ({error.strerror}): is another server "
+                               "running? Choose other ports") from None
 
 
 class TritonServer:
@@ -131,19 +163,32 @@ class TritonServer:
     (python models' prints included) go to that file. auto_complete_config is off by
     default: our configs are complete, and asking every python model to complete its
     config is most of the start-up time.
+
+    HTTP, gRPC and metrics listen on `address`: loopback unless told otherwise ("0.0.0.0":
+    every interface). grpc_tls serves gRPC over TLS (Triton 2.51 has no TLS for HTTP);
+    admin_key closes ADMIN_APIS to requests without the key (in ADMIN_KEY_HEADER over HTTP,
+    ADMIN_KEY_GRPC_HEADER over gRPC).
     """
 
     def __init__(self, model_repository, *, http_port: int = 8000, grpc_port: int = 8001,
-                 metrics_port: int = 8002, model_control_mode: str = "none", load_models=(),
+                 metrics_port: int = 8002, address: str = "127.0.0.1", grpc_tls: GrpcTls | None = None,
+                 admin_key: str | None = None, model_control_mode: str = "none", load_models=(),
                  log_file=None, log_verbose: int = 0, auto_complete_config: bool = False,
                  shm_default_byte_size: int | None = None, shm_growth_byte_size: int | None = None,
                  extra_args=()):
+        # The key goes into Triton's "<apis>:<header>=<key>" flag and into headers: a plain token
+        # survives both intact.
+        if admin_key is not None and not re.fullmatch(r"[A-Za-z0-9._~-]+", admin_key):
+            raise ValueError("admin_key must be letters, digits and '.', '_', '~', '-' only")
         if model_control_mode not in MODEL_CONTROL_MODES:
             raise ValueError(f"model_control_mode must be one of {MODEL_CONTROL_MODES}, not {model_control_mode!r}")
         if load_models and model_control_mode != "explicit":
             raise ValueError("load_models needs model_control_mode='explicit'")
         self.model_repository = Path(model_repository).resolve()
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self.address = address
+        self.grpc_tls = grpc_tls
+        self.admin_key = admin_key
         self.model_control_mode = model_control_mode
         self.load_models = tuple(load_models)
         self.log_file = Path(log_file) if log_file else None
@@ -158,17 +203,30 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
 
     @property
+    def host(self) -> str:
+        """The host in our URLs: "localhost" for loopback, the name a local TLS certificate carries."""
+        host = _local_host(self.address)
+        return "localhost" if host == "127.0.0.1" else host
+
+    @property
     def grpc_url(self) -> str:
-        return f"localhost:{self.grpc_port}"
+        return f"{self.host}:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
-        return f"localhost:{self.http_port}"
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"{self.host}:{self.metrics_port}/metrics"
 
     def command(self, files: ServerFiles) -> list[str]:
         cmd = [str(files.binary),
                f"--model-repository={self.model_repository}",
                f"--backend-directory={files.backends}",
+               f"--http-address={self.address}",
+               f"--grpc-address={self.address}",
+               f"--metrics-address={self.address}",
                f"--http-port={self.http_port}",
                f"--grpc-port={self.grpc_port}",
                f"--metrics-port={self.metrics_port}",
@@ -176,6 +234,11 @@ class TritonServer:
                f"--log-verbose={self.log_verbose}",
                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
         cmd += [f"--load-model={name}" for name in self.load_models]
+        if self.grpc_tls is not None:
+            cmd += self.grpc_tls.args()
+        if self.admin_key is not None:
+            restricted = f"{','.join(ADMIN_APIS)}:{ADMIN_KEY_HEADER}={self.admin_key}"
+            cmd += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
         if not self.auto_complete_config:
             cmd.append("--disable-auto-complete-config")
         if self.shm_default_byte_size is not None:
@@ -190,8 +253,10 @@ class TritonServer:
             raise RuntimeError("this server is already running")
         if not self.model_repository.is_dir():
             raise FileNotFoundError(f"model repository {self.model_repository} does not exist")
+        if self.grpc_tls is not None:
+            self.grpc_tls.check()
         for port in (self.http_port, self.grpc_port, self.metrics_port):
-            _check_port_free(port)
+            _check_port_free(self.address, port)
         files = server_files()
         out = None
         if self.log_file:
@@ -232,7 +297,7 @@ class TritonServer:
         if not self.is_alive():
             return False
         try:
-            url = f"http://127.0.0.1:{self.http_port}/v2/health/ready"
+            url = f"http://{_local_host(self.address)}:{self.http_port}/v2/health/ready"
             with urllib.request.urlopen(url, timeout=2) as response:
                 return response.status == 200
         except (urllib.error.URLError, OSError):
