@@ -75,17 +75,15 @@ def export_networks(model, out_dir: Path) -> dict[str, Path]:
     """The served encoders and fusion as ONNX files (the MTCNN nets run as torch modules)."""
     from builders.export_onnx import export_network
 
-    modules = {"visual": model.visual_net(), "audio": model.audio_net(), "text": model.text_net(),
-               "fusion": model.fusion_net()}
     paths = {}
-    for name, module in modules.items():
+    for name, module in model.networks().items():
         paths[name] = out_dir / f"{name}.onnx"
         export_network(module, name, paths[name])
     return paths
 
 
 # The text encoder stays fp32: it is ~1% of a clip's time, and int8 moved its logits by ~6%.
-INT8_NETWORKS = ("visual", "audio")
+INT8_NETWORKS = ("visual", "audio_pieces", "audio_clip")
 PRECISIONS = ("fp32", "int8")
 
 
@@ -122,9 +120,7 @@ def build_cpu(output: Path, checkpoint: str | None = None, label_set: str | None
         Transcriber(asr_model, compute_type=asr_compute_type)   # a clear build error now, not at serve time
     model = load_model(checkpoint, label_set, text_backbone)
     label_set = model.config.label_set
-    if output.exists():
-        shutil.rmtree(output)
-    output.mkdir(parents=True)
+    clear_output(output)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_files = export_networks(model, Path(tmp))
         if precision == "int8":
@@ -158,10 +154,18 @@ def build_cpu(output: Path, checkpoint: str | None = None, label_set: str | None
     return output
 
 
+def clear_output(output: Path) -> None:
+    """An empty OUTPUT folder, but for the README.md that the repository tracks there."""
+    output.mkdir(parents=True, exist_ok=True)
+    for entry in output.iterdir():
+        if entry.name != "README.md":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
 def write_manifest(output: Path, **facts) -> None:
     """build.json: what was built from what, with every file's sha256 (no timestamps)."""
     files = {str(p.relative_to(output)): hashlib.sha256(p.read_bytes()).hexdigest()
-             for p in sorted(output.rglob("*")) if p.is_file()}
+             for p in sorted(output.rglob("*")) if p.is_file() and p.name != "build.json"}
     (output / "build.json").write_text(json.dumps({**facts, "files": files}, indent=2, sort_keys=True) + "\n")
 
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from fv2es_client.contract import AXES, NETWORKS, TRITON_DTYPES
+from fv2es_client.contract import AUDIO_PIECES_PER_CALL, AXES, NETWORKS, TRITON_DTYPES
 
 from builders.triton_config import Enum, to_pbtxt
 from fv2es.mtcnn import DETECT_MAX_SIDE, MIN_FACE_SIZE
@@ -40,6 +40,7 @@ CLIP_BATCH = (1, 8, 16)
 # face candidates (R-Net, O-Net: all candidates of a clip), so its runner splits a larger
 # batch into chunks of the max.
 BATCH_RANGES = {
+    "audio_pieces": (1, AUDIO_PIECES_PER_CALL, AUDIO_PIECES_PER_CALL),     # pieces, not clips
     "pnet": AXES["frames"],
     "rnet": (1, 256, 4096),
     "onet": (1, 64, 1024),

@@ -7,7 +7,7 @@ text format that Triton and `model_config_pb2` read, deterministically.
 from __future__ import annotations
 
 from fv2es_client.contract import (
-    ENSEMBLE, ENSEMBLE_INPUTS, ENSEMBLE_OUTPUTS, OPTIONAL_INPUTS, STEPS, TENSORS, Step,
+    ENSEMBLE, ENSEMBLE_INPUTS, ENSEMBLE_OUTPUTS, OPTIONAL_INPUTS, RESPOND, STEP_OPTIONAL_INPUTS, STEPS, TENSORS, Step,
 )
 
 
@@ -43,12 +43,12 @@ def to_pbtxt(message: dict, indent: int = 0) -> str:
     return "\n".join(line for line in lines if line)
 
 
-def tensor_entry(name: str, ragged: bool = False, optional: bool = False) -> dict:
+def tensor_entry(name: str, ragged: bool = False, optional=()) -> dict:
     tensor = TENSORS[name]
     entry = {"name": name, "data_type": Enum(tensor.triton_dtype), "dims": tensor.dims()}
     if ragged and any(d == -1 for d in tensor.dims()):
         entry["allow_ragged_batch"] = True
-    if optional and name in OPTIONAL_INPUTS:
+    if name in optional:
         entry["optional"] = True
     return entry
 
@@ -65,8 +65,8 @@ def python_step_config(step: Step, *, instances: int, max_batch_size: int, queue
         "name": step.name,
         "backend": "python",
         "max_batch_size": max_batch_size if step.batching else 1,
-        "input": [tensor_entry(n, ragged=step.batching, optional=True) for n in step.inputs],
-        "output": [tensor_entry(n) for n in step.outputs],
+        "input": [tensor_entry(n, ragged=step.batching, optional=STEP_OPTIONAL_INPUTS) for n in step.inputs],
+        "output": [tensor_entry(n) for n in step.served_outputs],
         "instance_group": [{"count": instances, "kind": Enum(kind)}],
     }
     if step.batching:
@@ -76,6 +76,12 @@ def python_step_config(step: Step, *, instances: int, max_batch_size: int, queue
         config["model_warmup"] = warmup
     config.update(extra or {})
     return to_pbtxt(config) + "\n"
+
+
+def internal_name(tensor: str) -> str:
+    """A tensor between steps, in the ensemble: named apart from the ensemble's outputs,
+    which only RESPOND produces (contract.RESPOND)."""
+    return f"{tensor}.step"
 
 
 def ensemble_config(labels_file: str | None = None) -> str:
@@ -89,14 +95,14 @@ def ensemble_config(labels_file: str | None = None) -> str:
     steps = [{
         "model_name": step.name,
         "model_version": -1,
-        "input_map": [{"key": n, "value": n} for n in step.inputs],
-        "output_map": [{"key": n, "value": n} for n in step.outputs],
+        "input_map": [{"key": n, "value": n if n in ENSEMBLE_INPUTS else internal_name(n)} for n in step.inputs],
+        "output_map": [{"key": n, "value": n if step is RESPOND else internal_name(n)} for n in step.served_outputs],
     } for step in STEPS]
     config = {
         "name": ENSEMBLE,
         "platform": "ensemble",
         "max_batch_size": 1,
-        "input": [tensor_entry(n, optional=True) for n in ENSEMBLE_INPUTS],
+        "input": [tensor_entry(n, optional=OPTIONAL_INPUTS) for n in ENSEMBLE_INPUTS],
         "output": outputs,
         "ensemble_scheduling": {"step": steps},
     }

@@ -23,6 +23,24 @@ from fv2es_client import contract
 # A frame this close after an instant counts as shown at it (float timestamps).
 _EPS = 1e-6
 
+# Decoding is confined to the request's bytes. FFmpeg demuxers by name (FFmpeg's
+# format_whitelist): plain containers only. Playlists and lists of other files (concat,
+# HLS, DASH), stream descriptions (SDP, RTSP), image sequences and filter graphs would open
+# files on the server or network sockets, so they are not on the list; nested opens get no
+# protocol at all (protocol_whitelist names none that exists).
+ACCEPTED_FORMATS = ("mov", "matroska", "avi", "ogg", "wav", "flac", "mp3", "aac", "gif",
+                    "mpegts", "mpeg", "flv", "h264", "hevc")
+_CONFINED = {"format_whitelist": ",".join(ACCEPTED_FORMATS), "protocol_whitelist": "none"}
+
+# Decoded picture size, from the stream header and again on every decoded frame (headers
+# can lie): a 127 KB GIF may declare a 16000x16000 screen, gigabytes once decoded.
+MAX_SOURCE_SIDE = 8192
+MAX_SOURCE_PIXELS = 8192 * 4320
+# Audio streams compared when choosing the one with the words (see _audio_stream).
+MAX_AUDIO_STREAMS = 8
+# Peak below which a decoded audio stream counts as silent (-60 dBFS).
+SILENCE_PEAK = 1e-3
+
 # File signatures of the containers we read, to tell a damaged media file from a file
 # that is not media at all when FFmpeg cannot open it.
 _SIGNATURES = {
@@ -32,6 +50,13 @@ _SIGNATURES = {
     "Ogg": lambda head: head[:4] == b"OggS",
     "FLAC": lambda head: head[:4] == b"fLaC",
     "MP3": lambda head: head[:3] == b"ID3",
+}
+# Text files that point at other media: named in the error, never opened.
+_REFERENCES = {
+    "an ffconcat list": lambda head: head.startswith(b"ffconcat"),
+    "an HLS playlist": lambda head: head.lstrip().startswith(b"#EXTM3U"),
+    "an SDP session description": lambda head: head.lstrip().startswith(b"v=0"),
+    "a DASH manifest": lambda head: b"<MPD" in head,
 }
 
 
@@ -51,6 +76,7 @@ class DecodedVideo:
 class DecodedAudio:
     samples: np.ndarray     # float32 [S] mono
     present: bool           # False when the file has no audio stream
+    stream: int = -1        # the container's index of the stream used, -1 for none
 
 
 def decode_video(media, interval: float = contract.FRAME_INTERVAL_S,
@@ -61,18 +87,22 @@ def decode_video(media, interval: float = contract.FRAME_INTERVAL_S,
     most MAX_SIDE (aspect kept, swscale's area filter: an average over each output
     pixel's footprint, so no aliasing); all frames get the first sampled frame's size.
     """
-    with _open(media) as container:
+    with open_media(media) as container:
         declared = container.duration / 1e6 if container.duration is not None else None
         stream = _video_stream(container)
         if stream is None:
             return DecodedVideo(np.zeros((0, 0, 0, 3), np.uint8), np.zeros(0, np.float32),
                                 False, declared or 0.0)
-        _check_length(declared, MAX_VIDEO_S, "video")
+        check_length(declared, MAX_VIDEO_S, "video")
+        if stream.codec_context is None:    # FFmpeg has no decoder for it
+            raise MediaError("video codec not supported")
+        check_frame_size(stream.codec_context.width, stream.codec_context.height)
         stream.thread_type = "AUTO"
-        reader = _Reader(container, stream)
+        reader = _Reader(container, [stream])
         sampler = _Sampler(interval, max_side)
         prev_time = prev_duration = None
-        for frame in reader.frames():
+        for _, frame in reader.frames():
+            check_frame_size(frame.width, frame.height)
             if frame.pts is not None:
                 time = frame.time - reader.origin
             else:   # raw streams carry no timestamps: count durations
@@ -89,43 +119,92 @@ def decode_video(media, interval: float = contract.FRAME_INTERVAL_S,
                             declared)
 
 
-def decode_audio(media, sample_rate: int = contract.SAMPLE_RATE) -> DecodedAudio:
-    """The first audio stream resampled to SAMPLE_RATE, mono.
+def check_frame_size(width: int, height: int) -> None:
+    """MediaError when a picture of WIDTH x HEIGHT is larger than we decode (0: unknown)."""
+    if width > MAX_SOURCE_SIDE or height > MAX_SOURCE_SIDE:
+        raise MediaError(f"frame {width}x{height} exceeds the {MAX_SOURCE_SIDE}x{MAX_SOURCE_SIDE} limit")
+    if width * height > MAX_SOURCE_PIXELS:
+        raise MediaError(f"frame {width}x{height} has {width * height} pixels, over the "
+                         f"{MAX_SOURCE_PIXELS} limit")
 
+
+def decode_audio(media, sample_rate: int = contract.SAMPLE_RATE) -> DecodedAudio:
+    """The audio stream with the words, resampled to SAMPLE_RATE, mono.
+
+    Which stream: the default-disposition ones first, then the others in file order; the
+    first of them that is not silent (a file may carry a silent or a music track first).
     Mono is the mean of the channels (as librosa.load(mono=True) does), not swresample's
-    downmix, which adds stereo channels at 0.707 each and changes the level.
+    downmix, which adds stereo channels at 0.707 each and changes the level. The length
+    limit holds while decoding: a header that understates the length stops nothing.
     """
-    with _open(media) as container:
-        if not container.streams.audio:
+    with open_media(media) as container:
+        candidates = _audio_candidates(container)
+        if not candidates:
             return DecodedAudio(np.zeros(0, np.float32), False)
-        _check_length(container.duration / 1e6 if container.duration is not None else None,
+        check_length(container.duration / 1e6 if container.duration is not None else None,
                       MAX_AUDIO_S, "audio")
-        stream = container.streams.audio[0]
-        stream.thread_type = "AUTO"
-        chunks, resampler, setup = [], None, None
-        for frame in _Reader(container, stream).frames():
-            # PyAV's resampler refuses frames unlike its first: start a new one when the
-            # stream changes format, layout or rate mid-way.
-            if (frame.format.name, frame.layout.name, frame.sample_rate) != setup:
-                chunks += _mono(resampler, None) if resampler else []
-                resampler = av.AudioResampler(format="fltp", rate=sample_rate)   # layout kept
-                setup = (frame.format.name, frame.layout.name, frame.sample_rate)
-            chunks += _mono(resampler, frame)
-        if resampler is None:
+        decoders = {stream.index: _AudioDecoder(sample_rate) for stream in candidates}
+        for stream in candidates:
+            stream.thread_type = "AUTO"
+        for stream, frame in _Reader(container, candidates).frames():
+            decoders[stream.index].add(frame)
+        tracks = [(stream, decoders[stream.index].finish()) for stream in candidates]
+        tracks = [(stream, samples) for stream, samples in tracks if samples is not None]
+        if not tracks:
             raise MediaError("audio stream has no decodable samples")
-        chunks += _mono(resampler, None)
-        samples = np.concatenate(chunks).astype(np.float32)
-        _check_length(len(samples) / sample_rate, MAX_AUDIO_S, "audio")
-        return DecodedAudio(samples, True)
+        stream, samples = next(((s, a) for s, a in tracks if np.abs(a).max(initial=0) >= SILENCE_PEAK), tracks[0])
+        return DecodedAudio(samples, True, stream.index)
+
+
+def _audio_candidates(container) -> list:
+    streams = list(container.streams.audio)
+    decodable = [s for s in streams if s.codec_context is not None]
+    if streams and not decodable:
+        raise MediaError("audio codec not supported")
+    default = [s for s in decodable if s.disposition & av.stream.Disposition.default]
+    return (default + [s for s in decodable if s not in default])[:MAX_AUDIO_STREAMS]
+
+
+class _AudioDecoder:
+    """One audio stream's frames, resampled to mono at SAMPLE_RATE, with the length limit."""
+
+    def __init__(self, sample_rate: int):
+        self.sample_rate = sample_rate
+        self.chunks, self.count = [], 0
+        self.resampler, self.setup = None, None
+
+    def add(self, frame) -> None:
+        # PyAV's resampler refuses frames unlike its first: start a new one when the
+        # stream changes format, layout or rate mid-way.
+        if (frame.format.name, frame.layout.name, frame.sample_rate) != self.setup:
+            self._keep(_mono(self.resampler, None) if self.resampler else [])
+            self.resampler = av.AudioResampler(format="fltp", rate=self.sample_rate)   # layout kept
+            self.setup = (frame.format.name, frame.layout.name, frame.sample_rate)
+        self._keep(_mono(self.resampler, frame))
+
+    def _keep(self, chunks: list) -> None:
+        self.chunks += chunks
+        self.count += sum(len(c) for c in chunks)
+        if self.count > MAX_AUDIO_S * self.sample_rate:
+            raise MediaError(f"audio too long: more than {MAX_AUDIO_S:.0f} s decoded "
+                             f"(the limit is {MAX_AUDIO_S:.0f} s)")
+
+    def finish(self):
+        """float32 [S] samples, None when the stream gave none."""
+        if self.resampler is None:
+            return None
+        self._keep(_mono(self.resampler, None))
+        return np.concatenate(self.chunks).astype(np.float32) if self.chunks else np.zeros(0, np.float32)
 
 
 # The longest inputs the contract accepts (its frames and samples axes): a longer file
 # gets a clear error instead of gigabytes of frames.
 MAX_VIDEO_S = contract.AXES["frames"][2] * contract.FRAME_INTERVAL_S
 MAX_AUDIO_S = contract.AXES["samples"][2] / contract.SAMPLE_RATE
+MAX_MEDIA_S = max(MAX_VIDEO_S, MAX_AUDIO_S) + 1.0   # any stream; the margin allows for rounding
 
 
-def _check_length(seconds, limit: float, kind: str) -> None:
+def check_length(seconds, limit: float, kind: str) -> None:
     if seconds is not None and seconds > limit:
         raise MediaError(f"{kind} too long: {seconds:.1f} s > limit {limit:.0f} s")
 
@@ -136,7 +215,7 @@ def _mono(resampler, frame) -> list:
     return [out.to_ndarray().mean(axis=0) for out in resampler.resample(frame) if out is not None]
 
 
-def _open(media):
+def open_media(media):
     """Open MEDIA (bytes or path) with the size checks; MediaError for anything unusable."""
     if isinstance(media, (bytes, bytearray, memoryview)):
         size, source = len(media), io.BytesIO(media)
@@ -151,17 +230,21 @@ def _open(media):
             raise MediaError("empty file")
         if size > contract.MAX_MEDIA_BYTES:
             raise MediaError(f"file too large: {size} bytes > limit {contract.MAX_MEDIA_BYTES}")
-        head = source.read(16)
+        head = source.read(64)
         source.seek(0)
+        refers = next((name for name, match in _REFERENCES.items() if match(head)), None)
+        if refers:
+            raise MediaError(f"refused: {refers} refers to other files or the network; send the media itself")
         try:
             # Opened from a file object, a path is probed by content alone, as bytes are.
-            container = av.open(source, metadata_errors="ignore")
+            container = av.open(source, metadata_errors="ignore", options=_CONFINED)
         except av.error.FFmpegError as error:
             kind = next((name for name, match in _SIGNATURES.items() if match(head)), None)
             if kind:
                 raise MediaError(f"truncated or corrupt media: {kind} header unreadable "
                                  f"({_detail(error)})") from None
-            raise MediaError("not a media file (format not recognised)") from None
+            raise MediaError("not a media file (format not recognised, or not one we accept: "
+                             f"{', '.join(ACCEPTED_FORMATS)})") from None
     except BaseException:
         source.close()
         raise
@@ -202,21 +285,30 @@ def _detail(error) -> str:
 
 
 class _Reader:
-    """Decodes one stream while demuxing all of them, to see where the file really ends."""
+    """Decodes some streams while demuxing all of them, to see where the file really ends.
 
-    def __init__(self, container, stream):
-        self.container, self.stream = container, stream
+    Demuxing stops at the longest length we accept: a file whose header understates its
+    length is not read to its end first.
+    """
+
+    def __init__(self, container, streams):
+        self.container = container
+        self.streams = {stream.index: stream for stream in streams}
         self.origin = container.start_time / 1e6 if container.start_time is not None else 0.0
         self.end = 0.0      # seconds from origin where the last packet of any stream ends
 
     def frames(self):
+        """(stream, frame) for the chosen streams, in file order."""
         for packet in self.container.demux():
             stamp = packet.pts if packet.pts is not None else packet.dts
             if stamp is not None and packet.time_base is not None:
                 end = float((stamp + (packet.duration or 0)) * packet.time_base) - self.origin
                 self.end = max(self.end, end)
-            if packet.stream is self.stream:
-                yield from packet.decode()
+                check_length(self.end, MAX_MEDIA_S, "media")
+            stream = self.streams.get(packet.stream.index)
+            if stream is not None:
+                for frame in packet.decode():
+                    yield stream, frame
         self._check_complete()
 
     def _check_complete(self):
@@ -266,7 +358,7 @@ class _Sampler:
             self._emit(self.shown[0])
 
     def _emit(self, frame):
-        _check_length(self._next_instant(), MAX_VIDEO_S - self.interval, "video")  # headers can lie
+        check_length(self._next_instant(), MAX_VIDEO_S - self.interval, "video")  # headers can lie
         self.times.append(self._next_instant())
         if self.converted is None or self.converted[0] is not frame:
             self.converted = (frame, self._convert(frame))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from fv2es_client.contract import ENSEMBLE_OUTPUTS, STEPS
 
-from fv2es.steps import make_step, text_tensor
+from fv2es.steps import guarded, make_step, text_tensor
 
 
 @dataclass
@@ -38,8 +38,7 @@ class Predictor:
         if fuse:
             model.fuse_repvgg()
         self.model = model
-        runner = TorchRunner({"visual": model.visual_net(), "audio": model.audio_net(),
-                              "text": model.text_net(), "fusion": model.fusion_net()}, device=device)
+        runner = TorchRunner(model.networks(), device=device)
         mtcnn_run = torch_runner({name: net.to(device) for name, net in load_mtcnn_nets().items()})
         tokenizer = load_tokenizer(model.config)
         self.steps = [make_step(s.name, runner=runner, tokenizer=tokenizer, transcriber=transcriber,
@@ -58,6 +57,6 @@ class Predictor:
                 progress(step.name)
             start = time.perf_counter()
             clip = {name: tensors[name] for name in step.spec.inputs}
-            tensors.update(step([clip])[0])
+            tensors.update(guarded(step, [clip])[0])    # the last step raises any step's failure
             timings[step.name] = time.perf_counter() - start
         return PredictorOutput({name: tensors[name] for name in ENSEMBLE_OUTPUTS}, timings)

@@ -55,8 +55,12 @@ class OnnxRunner:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions = {name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
                          for name, path in paths.items()}
+        # The arena gives back what a run grew beyond its first chunk: one long clip must not
+        # leave request-sized memory held by the server.
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def __call__(self, network: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self.sessions[network]
         feed = {name: np.ascontiguousarray(inputs[name]) for name in NETWORKS[network]["inputs"]}
-        return dict(zip(output_names(network), session.run(output_names(network), feed)))
+        return dict(zip(output_names(network), session.run(output_names(network), feed, self.run_options)))

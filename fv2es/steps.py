@@ -10,9 +10,12 @@ and pad variable-length inputs into one network call (masks keep padding out).
 from __future__ import annotations
 
 import numpy as np
-from fv2es_client.contract import LABEL_SETS, MODALITIES, STEP_BY_NAME
+from fv2es_client.contract import (
+    AUDIO_PIECES_PER_CALL, COMPUTE_STEPS, ENSEMBLE_OUTPUTS, ITEM_DIM, LABEL_SETS, MODALITIES, RESPOND_STEP, STEP_BY_NAME, TENSORS,
+)
 
 from fv2es import features, media
+from fv2es.media import MediaError
 from fv2es.runners import Runner
 
 
@@ -49,9 +52,47 @@ def pad_stack(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return stacked, mask
 
 
+def placeholder(name: str) -> np.ndarray:
+    """A tensor of the contract's dtype and shape with no data along its named axes (zeros,
+    or empty strings): what a failed step answers, so its consumers still run."""
+    tensor = TENSORS[name]
+    shape = tuple(d if isinstance(d, int) else 0 for d in tensor.shape)
+    if tensor.dtype == "bytes":
+        return np.full(shape, b"", dtype=object)
+    return np.zeros(shape, dtype=tensor.dtype)
+
+
+def error_text(step_name: str, exc: Exception) -> str:
+    """A step's failure as its ERROR tensor carries it: the kind, then the one-line message."""
+    kind = "invalid" if isinstance(exc, MediaError) else "internal"
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{kind}:{step_name}: {message}"
+
+
+class StepFailed(RuntimeError):
+    """A step of the graph failed for a reason of ours (an INTERNAL error)."""
+
+
+def guarded(step: "Step", clips: list[dict]) -> list[dict]:
+    """Run STEP on CLIPS; a failure becomes data: placeholder outputs and the ERROR tensor
+    (contract.RESPOND says why), for every clip of the call. RESPOND itself raises."""
+    if not step.passes_errors_on:
+        return step(clips)
+    try:
+        results = step(clips)
+        error = ""
+    except Exception as exc:  # noqa: BLE001 - passed on to RESPOND, which reports it
+        results = [{name: placeholder(name) for name in step.spec.outputs} for _ in clips]
+        error = error_text(step.name, exc)
+    for result in results:
+        result[step.spec.error] = text_tensor(error)
+    return results
+
+
 class Step:
     name: str = ""
     batching = False
+    passes_errors_on = True     # a failure goes on as data (guarded); False: RESPOND raises it
 
     @property
     def spec(self):
@@ -64,11 +105,17 @@ class Step:
         return [self.process(clip) for clip in clips]
 
 
+def read_media(clip: dict) -> bytes:
+    if clip.get("MEDIA") is None:
+        raise MediaError("MEDIA is required")
+    return read_bytes(clip["MEDIA"])
+
+
 class DecodeVideo(Step):
     name = "decode_video"
 
     def process(self, clip):
-        video = media.decode_video(read_bytes(clip["MEDIA"]))
+        video = media.decode_video(read_media(clip))
         return {"FRAMES": video.frames, "FRAME_TIMES": video.times.astype(np.float32),
                 "VIDEO_PRESENT": flag(video.present), "DURATION": np.array([video.duration], np.float32)}
 
@@ -77,8 +124,9 @@ class DecodeAudio(Step):
     name = "decode_audio"
 
     def process(self, clip):
-        audio = media.decode_audio(read_bytes(clip["MEDIA"]))
-        return {"AUDIO": audio.samples.astype(np.float32), "AUDIO_PRESENT": flag(audio.present)}
+        audio = media.decode_audio(read_media(clip))
+        return {"AUDIO": audio.samples.astype(np.float32), "AUDIO_PRESENT": flag(audio.present),
+                "AUDIO_STREAM": np.array([audio.stream], np.int32)}
 
 
 class DetectFaces(Step):
@@ -153,11 +201,25 @@ class VisualEncoder(Encoder):
 
 
 class AudioEncoder(Encoder):
-    name, network, output = "audio_encoder", "audio", "AUDIO_LOGITS"
+    """The NesT on at most PIECES_PER_CALL pieces at a time (of all the batch's clips
+    together), then the transformer over each clip's items: memory is bounded by the chunk,
+    not by the clips' lengths, and the result is the whole network's (pieces are embedded
+    independently; padding pieces are never embedded)."""
+    name, network, output = "audio_encoder", "audio_clip", "AUDIO_LOGITS"
 
     def network_inputs(self, clips):
-        pieces, mask = pad_stack([c["MEL_PIECES"] for c in clips])
-        return {"pieces": pieces, "piece_mask": mask}
+        pieces = [c["MEL_PIECES"] for c in clips]
+        every = self.concat(pieces)
+        chunks = [self.runner("audio_pieces", {"pieces": every[start:start + AUDIO_PIECES_PER_CALL]})["items"]
+                  for start in range(0, len(every), AUDIO_PIECES_PER_CALL)]
+        items = self.concat(chunks) if chunks else every.reshape(0, ITEM_DIM)
+        bounds = np.cumsum([0] + [len(p) for p in pieces])
+        items, mask = self.pad_stack([items[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+        return {"items": items, "piece_mask": mask}
+
+    # Array operations, so that the gpu profile's subclass runs the same code on torch tensors.
+    concat = staticmethod(np.concatenate)
+    pad_stack = staticmethod(pad_stack)
 
 
 class TextEncoder(Encoder):
@@ -222,15 +284,29 @@ class Fusion(Step):
                 for f, p in zip(fused, probabilities)]
 
 
+class Respond(Step):
+    """The ensemble's outputs; the first failure in graph order, if any step failed, as the
+    request's error (MediaError: the client's problem; StepFailed: ours)."""
+    name = RESPOND_STEP
+    passes_errors_on = False
+
+    def process(self, clip):
+        for step in COMPUTE_STEPS:
+            kind, _, message = read_text(clip[step.error]).partition(":")
+            if message:
+                raise (MediaError if kind == "invalid" else StepFailed)(message)
+        return {name: clip[name] for name in ENSEMBLE_OUTPUTS}
+
+
 STEP_CLASSES = {cls.name: cls for cls in (
     DecodeVideo, DecodeAudio, DetectFaces, CropFaces, VisualEncoder, MelPieces, AudioEncoder,
-    Transcribe, Tokenize, TextEncoder, Fusion)}
+    Transcribe, Tokenize, TextEncoder, Fusion, Respond)}
 
 # The networks each step runs through a runner: the builders put these ONNX files in the
 # step's folder. (detect_faces runs its three small nets as torch modules: fv2es.mtcnn.)
 STEP_NETWORKS = {
     "visual_encoder": ("visual",),
-    "audio_encoder": ("audio",),
+    "audio_encoder": ("audio_pieces", "audio_clip"),
     "text_encoder": ("text",),
     "fusion": ("fusion",),
 }

@@ -71,7 +71,7 @@ def in_process_checks(checks: Checks, clips: Path, dali: bool) -> None:
     from fv2es.checkpoint import default_model
     from fv2es.gpu import steps as gpu_steps
     from fv2es.gpu.torch_cuda import TOLERANCE, CudaRunner
-    from fv2es.runners import TorchRunner
+    from fv2es.runners import TorchRunner, output_names
 
     face = (clips / "face-10s-720p.mp4").read_bytes()
     frames = media.decode_video(face).frames
@@ -88,20 +88,22 @@ def in_process_checks(checks: Checks, clips: Path, dali: bool) -> None:
     checks.add("mel pieces on the GPU", mel_error <= 1e-5, f"relative error {mel_error:.2e}")
 
     model = default_model().fuse_repvgg()
-    modules = {"visual": model.visual_net(), "audio": model.audio_net(), "text": model.text_net()}
+    modules = {name: net for name, net in model.networks().items() if name != "fusion"}
     reference = TorchRunner(modules)
     runner = CudaRunner(modules, "cuda", "bf16", graphs=True)
     rng = np.random.default_rng(0)
     inputs = {"visual": {"faces": rng.standard_normal((3, 20, 3, 48, 48)).astype(np.float32),
                          "frame_mask": np.arange(20)[None] < np.array([[20], [13], [1]])},
-              "audio": {"pieces": (100 * rng.standard_normal((2, 5, 4, 32, 32)) ** 2).astype(np.float32),
-                        "piece_mask": np.arange(5)[None] < np.array([[5], [2]])},
+              "audio_pieces": {"pieces": (100 * rng.standard_normal((7, 4, 32, 32)) ** 2).astype(np.float32)},
+              "audio_clip": {"items": rng.standard_normal((2, 5, 64)).astype(np.float32),
+                             "piece_mask": np.arange(5)[None] < np.array([[5], [2]])},
               "text": {"input_ids": rng.integers(0, 1000, (2, 30)),
                        "attention_mask": (np.arange(30)[None] < np.array([[30], [9]])).astype(np.int64)}}
     for network, x in inputs.items():
-        want = reference(network, x)["logits"]
+        output = output_names(network)[0]
+        want = reference(network, x)[output]
         runner(network, x)      # the first call captures the graph, the second replays it
-        error = relative_error(runner(network, x)["logits"].cpu(), want)
+        error = relative_error(runner(network, x)[output].cpu(), want)
         checks.add(f"{network} encoder bf16 + CUDA graphs", error <= TOLERANCE["bf16"],
                    f"relative error {error:.2e} (tolerance {TOLERANCE['bf16']:.0e}); graphs captured: "
                    f"{network not in runner.eager_only}")

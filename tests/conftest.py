@@ -1,5 +1,12 @@
-"""Shared session fixtures: real media clips written once per test run (tests/media_factory.py)."""
+"""Shared session fixtures: real media clips written once per test run (tests/media_factory.py),
+and the cpu profile built once and served by the real tritonserver."""
 import pytest
+import tritonclient.grpc as grpcclient
+from fv2es_client import Fv2esClient
+from fv2es_client.contract import ENSEMBLE, STEPS
+
+from builders.build_repository import build_cpu
+from fv2es.serving.tritonserver import TritonServer, free_ports
 
 import media_factory
 
@@ -42,9 +49,36 @@ def bad_media(media_dir, face_clip):
     return {
         "empty": (media_factory.write_empty(media_dir / "empty.mp4"), "empty file"),
         "random_bytes": (media_factory.write_random_bytes(media_dir / "random.bin"),
-                         "not a media file (format not recognised)"),
+                         "not a media file (format not recognised"),
         "subtitles_only": (media_factory.write_subtitles(media_dir / "subtitles.srt"),
-                           "not a media file (no audio or video stream found)"),
+                           "not a media file"),
         "truncated_mp4": (media_factory.write_truncated(face_clip, media_dir / "truncated.mp4"),
                           "truncated or corrupt media"),
     }
+
+
+# ---------------------------------------------------------------- the served cpu profile
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory):
+    return build_cpu(tmp_path_factory.mktemp("built") / "model_repository")
+
+
+@pytest.fixture(scope="session")
+def server(repository):
+    http, grpc, metrics = free_ports(3)
+    with TritonServer(repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
+                      model_control_mode="explicit") as triton:
+        admin = grpcclient.InferenceServerClient(triton.grpc_url)
+        # Every model loads on its own, in graph order, then the ensemble over them.
+        for name in [s.name for s in STEPS] + [ENSEMBLE]:
+            admin.load_model(name)
+            assert admin.is_model_ready(name), name
+        yield triton
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    with Fv2esClient(server.grpc_url, timeout_s=300) as c:
+        yield c

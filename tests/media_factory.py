@@ -7,6 +7,7 @@ picked. `frame_image` regenerates any source frame, so decoded content can be co
 from __future__ import annotations
 
 import math
+import struct
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
@@ -270,4 +271,53 @@ def write_empty_video_stream(path) -> Path:
         sound = out.add_stream("pcm_s16le", rate=16_000, layout="mono")
         _write_audio(out, sound, tone(1.0, 16_000), 1)
         out.mux(video.encode(None))
+    return path
+
+
+# ---------------------------------------------------------------- hostile inputs
+
+
+def gif_bomb(width=16000, height=16000) -> bytes:
+    """A GIF of a few dozen bytes whose logical screen is WIDTH x HEIGHT: one 1x1 image."""
+    screen = b"GIF89a" + struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+    image = b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00"
+    return screen + image + b"\x3b"
+
+
+def ffconcat_list(target: str) -> bytes:
+    """An ffconcat list naming TARGET: FFmpeg would open that file on the decoding host."""
+    return f"ffconcat version 1.0\nfile '{target}'\n".encode()
+
+
+def sdp_description(port: int) -> bytes:
+    """An SDP description of an RTP stream on PORT: FFmpeg would open UDP sockets for it."""
+    return (f"v=0\no=- 0 0 IN IP4 127.0.0.1\ns=x\nc=IN IP4 0.0.0.0\nt=0 0\n"
+            f"m=audio {port} RTP/AVP 0\na=rtpmap:0 PCMU/8000\n").encode()
+
+
+def make_lying_duration(path, seconds: float, declared: float) -> Path:
+    """SECONDS of 8 kHz 16-bit PCM in Matroska (16 kB/s, nothing to encode) whose header
+    says DECLARED seconds."""
+    path = Path(path)
+    with av.open(str(path), "w", format="matroska") as out:
+        sound = out.add_stream("pcm_s16le", rate=8000, layout="mono")
+        _write_audio(out, sound, tone(seconds, 8000), 1)
+    data = bytearray(path.read_bytes())
+    # Segment Info's Duration element (ID 0x4489), an 8-byte float in milliseconds.
+    at = data.index(b"\x44\x89\x88") + 3
+    data[at:at + 8] = struct.pack(">d", declared * 1000)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def make_two_audio_tracks(path, first: str, second: str, seconds=3.0, default: int | None = None) -> Path:
+    """Matroska with two 16 kHz mono AAC tracks of the given kinds (audio_signal); DEFAULT is
+    the track (0 or 1) marked default-disposition, None for neither."""
+    path = Path(path)
+    with av.open(str(path), "w", format="matroska") as out:
+        tracks = [out.add_stream("aac", rate=16_000, layout="mono") for _ in range(2)]
+        for index, track in enumerate(tracks):
+            track.disposition = av.stream.Disposition.default if index == default else av.stream.Disposition(0)
+        for track, kind in zip(tracks, (first, second)):
+            _write_audio(out, track, audio_signal(kind, seconds, 16_000), 1)
     return path

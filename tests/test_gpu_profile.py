@@ -27,7 +27,7 @@ from tritonclient.grpc import model_config_pb2
 import media_factory
 from builders.build_repository import LABELS_FILE, load_model
 from builders.gpu_profile import build_gpu, plan_model_name
-from builders.triton_config import ensemble_config
+from builders.triton_config import ensemble_config, internal_name
 from fv2es import features, media, mtcnn, steps
 from fv2es.gpu import steps as gpu_steps
 from fv2es.gpu.torch_cuda import TOLERANCE, CudaRunner, bucket, pad_to_buckets
@@ -54,7 +54,7 @@ def fake_plans(folder: Path) -> Path:
     """A plan folder as builders.tensorrt writes it (the plans' bytes are never read here)."""
     folder.mkdir()
     plans = {}
-    for network in ("visual", "audio", "text"):
+    for network in ("visual", "audio_pieces", "audio_clip", "text"):
         (folder / f"{network}.fp16.h100.trt10.9.plan").write_bytes(b"plan")
         plans[network] = {"fp16": {"file": f"{network}.fp16.h100.trt10.9.plan"}}
     (folder / "manifest.json").write_text(json.dumps({"gpu_name": "NVIDIA H100", "tensorrt": "10.9.0",
@@ -112,7 +112,8 @@ def test_ensemble_steps_are_wired_by_the_contract(built, name):
         for mapping, declared in ((step.input_map, composing.input), (step.output_map, composing.output)):
             declared = {t.name: t for t in declared}
             for key, value in mapping.items():
-                assert key == value and key in declared, (step.model_name, key)
+                # Between steps a tensor has its internal name; only RESPOND's outputs are the ensemble's.
+                assert value in (key, internal_name(key)) and key in declared, (step.model_name, key)
                 tensor = TENSORS[key]
                 assert model_config_pb2.DataType.Name(declared[key].data_type) == tensor.triton_dtype, key
                 assert list(declared[key].dims) == tensor.dims(), (step.model_name, key)
@@ -134,9 +135,9 @@ def test_instance_kinds_and_gpu_inputs(built, name):
             assert config.backend == "python" and kind == KIND.KIND_CPU, model
         if uses_gpu_adapter(repository, model):
             assert params(config)["FORCE_CPU_ONLY_INPUT_TENSORS"] == "no", model
-    gpu_steps_expected = {"detect_faces", "crop_faces", "visual_encoder", "audio_encoder", "text_encoder"}
+    gpu_steps_expected = {"detect_faces", "crop_faces", "mel_pieces", "visual_encoder", "audio_encoder",
+                          "text_encoder"}
     gpu_steps_expected |= {"decode_video"} if BUILDS[name]["dali"] != "none" else set()
-    gpu_steps_expected |= {"mel_pieces"} if BUILDS[name]["dali"] != "backend" else set()
     assert {m for m in configs(repository) if uses_gpu_adapter(repository, m)} == gpu_steps_expected
 
 
@@ -154,9 +155,10 @@ def test_torch_encoders_share_one_checkpoint_on_disk(built):
 
 def test_plan_models_serve_the_networks_the_glue_asks_for(built):
     models = configs(built("backend-gpu-tensorrt"))
-    for step, network in (("visual_encoder", "visual"), ("audio_encoder", "audio"), ("text_encoder", "text")):
+    for step, network in (("visual_encoder", "visual"), ("audio_encoder", "audio_pieces"),
+                          ("audio_encoder", "audio_clip"), ("text_encoder", "text")):
         glue = params(models[step])
-        assert (glue["network"], glue["plan_model"]) == (network, plan_model_name(network))
+        assert f"{network}:{plan_model_name(network)}" in glue["plan_models"].split(",")
         plan = models[plan_model_name(network)]
         assert plan.platform == "tensorrt_plan" and plan.max_batch_size == 16
         assert not plan.HasField("dynamic_batching")    # the glue forms the batches
@@ -193,7 +195,7 @@ def assert_frames_close(got: np.ndarray, want: np.ndarray):
 
 
 @needs_dali
-def test_dali_models_run_on_cpu_like_the_cpu_profile(built, vp9_clip):
+def test_dali_model_runs_on_cpu_like_the_cpu_profile(built, vp9_clip):
     from fv2es.gpu.dali_pipelines import probe_video, sample_indices
 
     repository = built("backend-cpu-torch")
@@ -208,11 +210,6 @@ def test_dali_models_run_on_cpu_like_the_cpu_profile(built, vp9_clip):
     assert turns == 3
     assert_frames_close(np.rot90(frames, turns, axes=(1, 2)), want.frames)
 
-    audio = media.decode_audio(data).samples
-    (pieces,) = run_dali(repository / "mel_pieces" / "1" / "model.dali", AUDIO=audio)
-    reference = features.mel_pieces(audio)
-    assert pieces.shape == reference.shape
-    assert np.abs(pieces - reference).max() <= 1e-4 * np.abs(reference).max()
 
 
 @needs_dali
@@ -259,12 +256,12 @@ def test_no_frames_give_no_faces():
 def test_encoders_built_from_their_folders_match_torch_runner(built):
     repository = built("python-cpu-torch")
     reference = load_model(None, None)      # the builder's model: seeded, fused
-    runner = TorchRunner({"visual": reference.visual_net(), "audio": reference.audio_net(),
-                          "text": reference.text_net()})
+    runner = TorchRunner(reference.networks())
     rng = np.random.default_rng(2)
     clips = {   # ragged clips, a batch each
         "visual_encoder": [{"FACES": rng.standard_normal((n, 3, 48, 48)).astype(np.float32)} for n in (5, 1, 3)],
-        "audio_encoder": [{"MEL_PIECES": (100 * rng.standard_normal((1, 4, 32, 32)) ** 2).astype(np.float32)}],
+        "audio_encoder": [{"MEL_PIECES": (100 * rng.standard_normal((n, 4, 32, 32)) ** 2).astype(np.float32)}
+                          for n in (1, 40)],     # more than one call's worth of pieces
         "text_encoder": [{"INPUT_IDS": rng.integers(0, 1000, n), "ATTENTION_MASK": np.ones(n, np.int64)}
                          for n in (9, 4)],
     }
@@ -432,3 +429,16 @@ def test_served_on_cpu_matches_the_predictor(served, face_clip, vp9_clip):
                 np.testing.assert_allclose(served_answer.modality_logits[modality], local.modality_logits[modality],
                                            rtol=1e-4, atol=1e-5, err_msg=f"{path.name}: {modality}")
             assert served_answer.labels == local.labels and served_answer.weights == local.weights
+
+
+def test_the_nvdec_path_is_held_to_the_host_decoders_rules(tmp_path):
+    from fv2es.gpu.dali_pipelines import probe_video
+
+    long = media_factory.make_clip(tmp_path / "long.mkv", "matroska", "libx264", None, 130.0, size=(32, 32),
+                                   fps=1, face=False)
+    for data, message in [(media_factory.gif_bomb(), "frame 16000x16000 exceeds the 8192x8192 limit"),
+                          (media_factory.ffconcat_list("clip.mp4"), "refused: an ffconcat list"),
+                          (media_factory.sdp_description(5004), "refused: an SDP session description"),
+                          (long.read_bytes(), r"video too long: 1[23]\d\.\d s > limit 128 s")]:
+        with pytest.raises(media.MediaError, match=message):
+            probe_video(data)

@@ -256,3 +256,115 @@ def test_too_long_inputs_are_refused_before_decoding(tmp_path):
         decode_video(clip)
     audio = decode_audio(clip)  # audio has its own, longer limit (10 min)
     assert audio.present and len(audio.samples) == 130 * 16_000
+
+
+# ---------------------------------------------------------------- hostile inputs
+
+
+def test_ffconcat_list_is_refused_and_opens_nothing(tmp_path, monkeypatch):
+    # Relative to the decoder's working directory, as an attacker would aim it.
+    target = tmp_path / "server_side.mp4"
+    factory.make_clip(target, "mp4", "libx264", None, 1.0, size=(64, 64))
+    monkeypatch.chdir(tmp_path)
+    for decode in (decode_video, decode_audio):
+        with pytest.raises(MediaError, match="refused: an ffconcat list refers to other files"):
+            decode(factory.ffconcat_list(target.name))
+
+
+def test_sdp_description_is_refused_without_opening_sockets():
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for decode in (decode_video, decode_audio):
+        with pytest.raises(MediaError, match="refused: an SDP session description"):
+            decode(factory.sdp_description(port))
+    # Still free: nothing bound it (the decoder would have bound it to receive RTP).
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
+        again.bind(("0.0.0.0", port))
+
+
+@pytest.mark.parametrize("text", [b"#EXTM3U\n#EXTINF:10,\nclip.ts\n",
+                                  b"file 'clip.mp4'\n",        # concat without its header line
+                                  b"\x89PNG\r\n\x1a\n" + bytes(64)])  # an image: image2 is not on the list
+def test_formats_off_the_list_are_not_opened(text):
+    with pytest.raises(MediaError, match="refused|not a media file"):
+        decode_video(text)
+
+
+def test_gif_bomb_is_refused_from_its_header():
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(MediaError, match=r"^frame 16000x16000 exceeds the 8192x8192 limit$"):
+        decode_video(factory.gif_bomb())
+    # Refused before decoding a 16000x16000 picture (768 MB as RGB).
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000   # KiB
+
+
+def test_pixel_count_limit():
+    with pytest.raises(MediaError, match=r"frame 8000x8000 has 64000000 pixels, over the 35389440 limit"):
+        decode_video(factory.gif_bomb(8000, 8000))
+    small = decode_video(factory.gif_bomb(64, 48))
+    assert small.frames.shape[1:] == (48, 64, 3)
+
+
+def test_audio_longer_than_its_header_says_stops_at_the_limit(tmp_path, monkeypatch):
+    import io
+    import types
+
+    from fv2es import media
+
+    clip = factory.make_lying_duration(tmp_path / "lying.mkv", seconds=900.0, declared=5.0)
+    with av.open(str(clip)) as container:
+        assert container.duration / 1e6 == pytest.approx(5.0)
+    reads = []
+
+    class Recording(io.BytesIO):
+        def read(self, size=-1):
+            reads.append(self.tell())
+            return super().read(size)
+
+    monkeypatch.setattr(media, "io", types.SimpleNamespace(BytesIO=Recording))
+    data = clip.read_bytes()
+    with pytest.raises(MediaError, match=r"audio too long: more than 600 s decoded"):
+        decode_audio(data)
+    # Decoding stopped near 600 of the 900 s: the last quarter of the file was never read.
+    assert max(reads) < 0.75 * len(data)
+
+
+@pytest.mark.parametrize("default", [None, 1])
+def test_the_audio_track_with_sound_is_used(tmp_path, default):
+    clip = factory.make_two_audio_tracks(tmp_path / "two.mkv", "silence", "speech", default=default)
+    audio = decode_audio(clip)
+    assert audio.stream == 1
+    assert np.abs(audio.samples).max() > 0.1
+
+
+def test_default_track_is_preferred_when_both_have_sound(tmp_path):
+    clip = factory.make_two_audio_tracks(tmp_path / "two.mkv", "tone", "speech", default=1)
+    assert decode_audio(clip).stream == 1
+    clip = factory.make_two_audio_tracks(tmp_path / "first.mkv", "tone", "speech", default=None)
+    assert decode_audio(clip).stream == 0
+
+
+def test_all_silent_tracks_give_the_first_candidate(tmp_path):
+    clip = factory.make_two_audio_tracks(tmp_path / "quiet.mkv", "silence", "silence", default=None)
+    audio = decode_audio(clip)
+    assert audio.present and audio.stream == 0 and not np.abs(audio.samples).any()
+
+
+def test_fuzzed_files_raise_only_media_errors(tmp_path):
+    """Mutants of H.264/AAC mp4 and VP9/Opus webm from a fixed seed (benchmarks.fuzzing):
+    decoding answers or raises MediaError, never anything else (a codec FFmpeg has no
+    decoder for once raised AttributeError)."""
+    from benchmarks.fuzzing import fuzz_sources, mutants
+
+    sources = [path.read_bytes() for path in fuzz_sources(tmp_path)]
+    for media in mutants(sources, count=1500, seed=7):
+        for decode in (decode_video, decode_audio):
+            try:
+                decode(media)
+            except MediaError:
+                pass

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from fv2es_client.contract import MAX_TOKENS, MODALITIES
+from fv2es_client.contract import MAX_TOKENS, MODALITIES, NETWORKS
 from torch import nn
 
 from builders.export_onnx import dummy_inputs
@@ -106,14 +106,24 @@ def test_clip_transformer_is_torchs_transformer_encoder():
 
 @torch.no_grad()
 def test_views_follow_the_contract(model):
-    for name, sizes in [("visual", {"frames": 3}), ("audio", {"pieces": 1}), ("text", {"tokens": 6}),
-                        ("fusion", {})]:
-        net = getattr(model, f"{name}_net")()
-        inputs = dummy_inputs(name, batch=2, **sizes)
-        logits = net(*inputs)
-        assert logits.shape == (2, model.config.num_classes) and logits.dtype == torch.float32, name
-        assert torch.isfinite(logits).all(), name
+    sizes = {"visual": {"frames": 3}, "audio_pieces": {}, "audio_clip": {"pieces": 2}, "text": {"tokens": 6},
+             "fusion": {}}
+    networks = model.networks()
+    assert set(networks) == set(sizes)
+    for name, net in networks.items():
+        output = net(*dummy_inputs(name, batch=2, **sizes[name]))
+        (_dtype, axes), = NETWORKS[name]["outputs"].values()
+        width = model.config.num_classes if axes[1] == "classes" else axes[1]
+        assert output.shape == (2, width) and output.dtype == torch.float32, name
+        assert torch.isfinite(output).all(), name
     assert model.A(torch.randn(1, 4, 32, 32)).shape == (1, 512, 8, 8)
+
+
+@torch.no_grad()
+def test_audio_encoder_in_two_is_the_whole_encoder(model):
+    pieces, mask = torch.randn(2, 3, 4, 32, 32) ** 2, torch.tensor([[True, True, True], [True, False, False]])
+    items = model.audio_pieces_net()(pieces.reshape(6, 4, 32, 32)).reshape(2, 3, -1)
+    torch.testing.assert_close(model.audio_clip_net()(items, mask), model.audio_net()(pieces, mask))
 
 
 def pad_to(x: torch.Tensor, length: int) -> torch.Tensor:

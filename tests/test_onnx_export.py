@@ -18,7 +18,8 @@ RTOL, ATOL = 1e-4, 1e-5
 # Two runs per network, each differing from the export's batch 2 and DUMMY_AXIS_SIZES.
 RUNS = {
     "visual": [dict(batch=1, frames=5), dict(batch=3, frames=2)],
-    "audio": [dict(batch=1, pieces=3), dict(batch=3, pieces=1)],   # NesT: ~11 GFLOP a piece
+    "audio_pieces": [dict(batch=1), dict(batch=3)],                # NesT: ~11 GFLOP a piece
+    "audio_clip": [dict(batch=1, pieces=3), dict(batch=3, pieces=1)],
     "text": [dict(batch=1, tokens=12), dict(batch=3, tokens=4)],
     "fusion": [dict(batch=1), dict(batch=5)],
     "pnet": [dict(batch=1, height=30, width=44), dict(batch=3, height=64, width=50)],
@@ -32,8 +33,7 @@ def networks():
     model = default_model()
     torch.manual_seed(0)
     mtcnn = {"pnet": PNet(), "rnet": RNet(), "onet": ONet()}
-    return {"visual": model.visual_net(), "audio": model.audio_net(), "text": model.text_net(),
-            "fusion": model.fusion_net(), **{name: net.eval() for name, net in mtcnn.items()}}
+    return {**model.networks(), **{name: net.eval() for name, net in mtcnn.items()}}
 
 
 def test_runs_differ_from_export_sizes():
@@ -85,7 +85,7 @@ def test_parity_check_catches_a_difference(networks, tmp_path):
 INT8_TOLERANCE = 0.03
 
 
-def real_inputs(clip_path, config) -> dict[str, tuple[torch.Tensor, ...]]:
+def real_inputs(clip_path, model) -> dict[str, tuple[torch.Tensor, ...]]:
     """Each encoder's inputs (batch of 1) preprocessed from a real clip, as the served steps do."""
     from fv2es import features, media
     from fv2es.model.text import encode, load_tokenizer
@@ -96,9 +96,12 @@ def real_inputs(clip_path, config) -> dict[str, tuple[torch.Tensor, ...]]:
     boxes, scores = detect_faces(frames, torch_runner(load_mtcnn_nets()))
     faces = torch.from_numpy(features.crop_faces(frames, boxes, scores)).float()[None]
     pieces = torch.from_numpy(features.mel_pieces(media.decode_audio(data).samples)).float()[None]
-    ids, mask = encode(load_tokenizer(config), "Well, I don't know, maybe we should wait.")
+    ids, mask = encode(load_tokenizer(model.config), "Well, I don't know, maybe we should wait.")
+    with torch.no_grad():
+        items = model.audio_items(pieces[0])[None]
     return {"visual": (faces, torch.ones(faces.shape[:2], dtype=torch.bool)),
-            "audio": (pieces, torch.ones(pieces.shape[:2], dtype=torch.bool)),
+            "audio_pieces": (pieces[0],),
+            "audio_clip": (items, torch.ones(items.shape[:2], dtype=torch.bool)),
             "text": (torch.from_numpy(ids)[None], torch.from_numpy(mask)[None])}
 
 
@@ -111,13 +114,31 @@ def test_int8_encoders_stay_close_to_torch(networks, tmp_path, face_clip):
 
     paths = {name: export_network(networks[name], name, tmp_path / f"{name}.onnx") for name in INT8_NETWORKS}
     quantize_encoders(paths)
-    real = real_inputs(face_clip, networks["text"].model.config)
+    sessions = {}
     for name, path in paths.items():
         assert any(n.op_type == "MatMulInteger" for n in onnx.load(str(path)).graph.node), name
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        for inputs in (dummy_inputs(name, seed=1, **RUNS[name][0]), real[name]):
+        sessions[name] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(name, *inputs):
+        return sessions[name].run(None, dict(zip(NETWORKS[name]["inputs"], (np.asarray(t) for t in inputs))))[0]
+
+    # The bound is on the encoders' logits: the audio encoder is its two networks in a row.
+    model = networks["text"].model
+    real = real_inputs(face_clip, model)
+    audio_real = real["audio_pieces"][0][None], real["audio_clip"][1]     # [1, P, 4, 32, 32] and its mask
+    cases = {"visual": [dummy_inputs("visual", seed=1, **RUNS["visual"][0]), real["visual"]],
+             "audio": [(torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(1)) ** 2,
+                        torch.tensor([[True, True, True], [True, False, False]])), audio_real]}
+    for encoder, runs in cases.items():
+        for inputs in runs:
             with torch.no_grad():
-                want = networks[name](*inputs).numpy()
-            got, = session.run(None, dict(zip(NETWORKS[name]["inputs"], (t.numpy() for t in inputs))))
+                want = getattr(model, f"{encoder}_net")()(*inputs).numpy()
+            if encoder == "audio":
+                pieces, mask = inputs
+                items = run("audio_pieces", pieces.reshape(-1, 4, 32, 32)).reshape(*mask.shape, -1)
+                got = run("audio_clip", items, mask)
+            else:
+                got = run(encoder, *inputs)
             error = np.abs(got - want).max() / np.abs(want).max()
-            assert 0 < error <= INT8_TOLERANCE, (name, error)
+            assert 0 < error <= INT8_TOLERANCE, (encoder, error)
+

@@ -14,42 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from fv2es_client import Fv2esClient, InputRejected, Prediction
+from fv2es_client import InputRejected, Prediction
 from fv2es_client.client import build_inputs, build_outputs
-from fv2es_client.contract import ENSEMBLE, ENSEMBLE_OUTPUTS, STEPS, TENSORS
+from fv2es_client.contract import ENSEMBLE, ENSEMBLE_OUTPUTS, TENSORS
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from builders.build_repository import build_cpu
-from fv2es.serving.tritonserver import TritonServer, free_ports
 
 # Served ONNX Runtime vs in-process PyTorch, fp32: relative 1e-4, with an absolute floor
 # for values near zero (logits of order 1; float32 summation order differs).
 RTOL, ATOL = 1e-4, 1e-5
-
-
-@pytest.fixture(scope="session")
-def repository(tmp_path_factory):
-    return build_cpu(tmp_path_factory.mktemp("built") / "model_repository")
-
-
-@pytest.fixture(scope="session")
-def server(repository):
-    http, grpc, metrics = free_ports(3)
-    with TritonServer(repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
-                      model_control_mode="explicit") as triton:
-        admin = grpcclient.InferenceServerClient(triton.grpc_url)
-        # Every model loads on its own, in graph order, then the ensemble over them.
-        for name in [s.name for s in STEPS] + [ENSEMBLE]:
-            admin.load_model(name)
-            assert admin.is_model_ready(name), name
-        yield triton
-
-
-@pytest.fixture(scope="session")
-def client(server):
-    with Fv2esClient(server.grpc_url, timeout_s=300) as c:
-        yield c
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,8 @@ def test_profile_shapes_follow_the_contract(network):
 def test_batch_and_sequence_ranges():
     assert trtb.profile_shapes("visual")["faces"] == (
         (1, 1, 3, 48, 48), (8, 20, 3, 48, 48), (16, 256, 3, 48, 48))
-    assert trtb.profile_shapes("audio", clip_batch=(1, 2, 4))["pieces"][2] == (4, AXES["pieces"][2], 4, 32, 32)
+    assert trtb.profile_shapes("audio_clip", clip_batch=(1, 2, 4))["items"][2] == (4, AXES["pieces"][2], 64)
+    assert trtb.profile_shapes("audio_pieces", clip_batch=(1, 2, 4))["pieces"][2] == (32, 4, 32, 32)
     assert trtb.profile_shapes("text")["input_ids"] == ((1, 2), (8, 100), (16, 100))
     # P-Net's batch is the frames of a clip.
     assert trtb.axis_ranges("pnet")["batch"] == AXES["frames"]
@@ -245,5 +246,5 @@ def test_build_refuses_onnx_that_disagrees_with_the_contract(fake_trt, tmp_path)
     write_onnx(tmp_path / "text.onnx", ["input_ids", "token_type_ids"])
     with pytest.raises(RuntimeError, match="contract says"):
         trtb.build_all(tmp_path, tmp_path / "plans", ("text",), gpu_name=GPU)
-    with pytest.raises(FileNotFoundError, match="audio"):
-        trtb.build_all(tmp_path, tmp_path / "plans", ("audio",), gpu_name=GPU)
+    with pytest.raises(FileNotFoundError, match="audio_clip"):
+        trtb.build_all(tmp_path, tmp_path / "plans", ("audio_clip",), gpu_name=GPU)

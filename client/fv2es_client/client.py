@@ -118,6 +118,7 @@ class Prediction:
     duration: float                    # seconds, longest stream
     video_present: bool
     audio_present: bool
+    audio_stream: int                  # the file's index of the audio stream used, -1: none
     text_present: bool
     transcript: str                    # the transcript the text encoder read
     transcript_source: str             # request | recognition | none
@@ -151,6 +152,7 @@ class Prediction:
             duration=float(t["DURATION"][0]),
             video_present=bool(t["VIDEO_PRESENT"][0]),
             audio_present=bool(t["AUDIO_PRESENT"][0]),
+            audio_stream=int(t["AUDIO_STREAM"][0]),
             text_present=bool(t["TEXT_PRESENT"][0]),
             transcript=_text(t["TRANSCRIPT_USED"][0]),
             transcript_source=_text(t["TRANSCRIPT_SOURCE"][0]),
@@ -238,6 +240,7 @@ class Prediction:
             "face_scores": self.face_scores.tolist(),
             "faces_found": self.faces_found,
             "duration": self.duration,
+            "audio_stream": self.audio_stream,
             "transcript": self.transcript,
             "transcript_source": self.transcript_source,
             "asr_seconds": self.asr_seconds,

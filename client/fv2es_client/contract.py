@@ -31,6 +31,8 @@ SAMPLE_RATE = 16_000
 N_MELS = 128
 PIECE_FRAMES = 32
 MAX_TOKENS = 100
+ITEM_DIM = 64                       # the clip transformers' d_model: one item per frame or piece
+AUDIO_PIECES_PER_CALL = 32          # the audio encoder embeds at most this many pieces at once
 MAX_FRAME_SIDE = 1280               # decoded frames are scaled down to this longer side
 MAX_MEDIA_BYTES = 512 * 1024 * 1024
 
@@ -88,6 +90,7 @@ TENSORS = {t.name: t for t in [
     # decode_audio
     _t("AUDIO", "float32", "samples"),           # 16 kHz mono
     _t("AUDIO_PRESENT", "bool", 1),
+    _t("AUDIO_STREAM", "int32", 1),             # the file's index of the audio stream used, -1: none
     # mel_pieces
     _t("MEL_PIECES", "float32", "pieces", 4, 32, 32),
     # transcribe
@@ -118,11 +121,24 @@ class Step:
     outputs: tuple[str, ...]
     batching: bool = False      # dynamic batching across requests (ragged inputs)
 
+    @property
+    def error(self) -> str:
+        """The tensor that carries this step's failure on to RESPOND ("" when it worked)."""
+        return f"{self.name.upper()}_ERROR"
+
+    @property
+    def served_outputs(self) -> tuple[str, ...]:
+        """What its model answers: its outputs and, but for RESPOND, its error."""
+        return self.outputs if self.name == RESPOND_STEP else self.outputs + (self.error,)
+
+
+RESPOND_STEP = "respond"
+
 
 # The graph, in an order where every input is produced before it is read.
-STEPS = (
+COMPUTE_STEPS = (
     Step("decode_video", ("MEDIA",), ("FRAMES", "FRAME_TIMES", "VIDEO_PRESENT", "DURATION")),
-    Step("decode_audio", ("MEDIA",), ("AUDIO", "AUDIO_PRESENT")),
+    Step("decode_audio", ("MEDIA",), ("AUDIO", "AUDIO_PRESENT", "AUDIO_STREAM")),
     Step("detect_faces", ("FRAMES",), ("FACE_BOXES", "FACE_SCORES")),
     Step("crop_faces", ("FRAMES", "FACE_BOXES", "FACE_SCORES"), ("FACES",)),
     Step("visual_encoder", ("FACES",), ("VISUAL_LOGITS",), batching=True),
@@ -135,17 +151,33 @@ STEPS = (
          ("VISUAL_LOGITS", "AUDIO_LOGITS", "TEXT_LOGITS", "VIDEO_PRESENT", "AUDIO_PRESENT", "TEXT_PRESENT"),
          ("FUSED_LOGITS", "PROBABILITIES", "WEIGHTS", "LABELS"), batching=True),
 )
-STEP_BY_NAME = {s.name: s for s in STEPS}
 
 ENSEMBLE = "fv2es"
 ENSEMBLE_INPUTS = ("MEDIA", "TRANSCRIPT")
 ENSEMBLE_OUTPUTS = (
     "PROBABILITIES", "FUSED_LOGITS", "VISUAL_LOGITS", "AUDIO_LOGITS", "TEXT_LOGITS",
-    "FACE_SCORES", "FRAME_TIMES", "DURATION", "VIDEO_PRESENT", "AUDIO_PRESENT", "TEXT_PRESENT",
+    "FACE_SCORES", "FRAME_TIMES", "DURATION", "VIDEO_PRESENT", "AUDIO_PRESENT", "AUDIO_STREAM", "TEXT_PRESENT",
     "TRANSCRIPT_USED", "TRANSCRIPT_SOURCE", "ASR_SECONDS", "WEIGHTS", "LABELS",
 )
-# Optional request inputs: the client may leave them out.
+# A client may leave TRANSCRIPT out; MEDIA is required, and the ensemble says so: Triton
+# refuses a request without it ("missing required input(s) ['MEDIA']"), or, when the
+# request carries TRANSCRIPT alone, answers INVALID_ARGUMENT "unexpected deadlock ... no more
+# ensemble steps can be made". An optional MEDIA would let a request with no input at all
+# into Triton 2.51's ensemble, which then deadlocks the gRPC server (seen here in gdb).
+# The steps take MEDIA as optional: decoding names its absence in its ERROR tensor.
 OPTIONAL_INPUTS = ("TRANSCRIPT",)
+STEP_OPTIONAL_INPUTS = ("MEDIA", "TRANSCRIPT")
+
+# The last step: the only producer of the ensemble's outputs, and the only step that
+# answers with an error. A failing step passes its error on as data (its ERROR tensor, empty
+# outputs), because in Triton 2.51 a step's error response can deadlock a gRPC call that is
+# still scheduling the ensemble's first steps; RESPOND runs after every other step, so its
+# error cannot. And since no step reads an ensemble output, Triton's pruning for a request
+# that asks for a subset of the outputs keeps every step that subset needs.
+RESPOND = Step(RESPOND_STEP, ENSEMBLE_OUTPUTS + tuple(s.error for s in COMPUTE_STEPS), ENSEMBLE_OUTPUTS)
+STEPS = COMPUTE_STEPS + (RESPOND,)
+STEP_BY_NAME = {s.name: s for s in STEPS}
+TENSORS.update({s.error: _t(s.error, "bytes", 1) for s in COMPUTE_STEPS})
 
 # Network-level I/O (ONNX / TensorRT), batch-first with named axes. Masks are True where
 # the position holds real data.
@@ -153,9 +185,14 @@ NETWORKS = {
     "visual": {"inputs": {"faces": ("float32", ("batch", "frames", 3, FACE_SIZE, FACE_SIZE)),
                           "frame_mask": ("bool", ("batch", "frames"))},
                "outputs": {"logits": ("float32", ("batch", "classes"))}},
-    "audio": {"inputs": {"pieces": ("float32", ("batch", "pieces", 4, 32, 32)),
-                         "piece_mask": ("bool", ("batch", "pieces"))},
-              "outputs": {"logits": ("float32", ("batch", "classes"))}},
+    # The audio encoder in two: the NesT embeds each piece on its own, so the encoder step
+    # runs it on a bounded number of pieces at a time, whatever the clips' lengths; the
+    # transformer then reads each clip's items at once.
+    "audio_pieces": {"inputs": {"pieces": ("float32", ("batch", 4, 32, 32))},
+                     "outputs": {"items": ("float32", ("batch", ITEM_DIM))}},
+    "audio_clip": {"inputs": {"items": ("float32", ("batch", "pieces", ITEM_DIM)),
+                              "piece_mask": ("bool", ("batch", "pieces"))},
+                   "outputs": {"logits": ("float32", ("batch", "classes"))}},
     "text": {"inputs": {"input_ids": ("int64", ("batch", "tokens")),
                         "attention_mask": ("int64", ("batch", "tokens"))},
              "outputs": {"logits": ("float32", ("batch", "classes"))}},

@@ -4,10 +4,9 @@ decode_video_dali: MEDIA_U8 (uint8 [bytes]) + FRAME_INDICES (int32 [frames]) -> 
     (uint8 [frames, H, W, 3] RGB, longer side at most MAX_FRAME_SIDE, never enlarged).
     Device "mixed" decodes on NVDEC (H.264, HEVC, AV1, MPEG-4, VP8, VP9, MJPEG); device
     "cpu" decodes on host cores, which DALI 2.4 can do only for MJPEG, VP8 and VP9.
-mel_pieces: AUDIO (float32 [samples], 16 kHz mono) -> MEL_PIECES (float32 [pieces, 4, 32, 32]),
-    the cpu profile's step and tensors: torchaudio's MelSpectrogram (n_fft 400, periodic
-    Hann window 400, hop 200, 128 HTK mels without filter norm, power 2, centred with
-    reflect padding), cut into 32-frame pieces, the last zero-padded.
+
+The mel pieces are not a DALI model: the gpu profile runs the one torch implementation
+(fv2es.gpu.steps.mel_pieces) on the GPU, which DALI would only copy.
 
 How the request's bytes reach DALI. MEDIA is a BYTES (TYPE_STRING) tensor, which the DALI
 backend does not take (numeric tensors only), and DALI's video decoder picks frames by
@@ -22,23 +21,22 @@ nvidia.dali is imported only when a pipeline is made.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import NamedTuple
 
 import av
 import numpy as np
 from fv2es_client.contract import (
-    FRAME_INTERVAL_S, MAX_FRAME_SIDE, N_MELS, PIECE_FRAMES, SAMPLE_RATE, TENSORS, TRITON_DTYPES,
+    FRAME_INTERVAL_S, MAX_FRAME_SIDE, TENSORS, TRITON_DTYPES,
 )
+
+from fv2es import media as host_media
 
 MEDIA_U8 = "MEDIA_U8"
 FRAME_INDICES = "FRAME_INDICES"
 # What DALI 2.4 decodes on host cores (FFmpeg codec names); anything else fails there with
 # "Failed to create video decoder" and leaves the pipeline unusable, so route it to PyAV.
 CPU_CODECS = frozenset({"mjpeg", "vp8", "vp9"})
-N_FFT = 400
-HOP = 200
 # A frame this close after an instant counts as shown at it (as in fv2es.media).
 _EPS = 1e-6
 
@@ -48,10 +46,6 @@ DALI_MODELS = {
     "decode_video_dali": {
         "inputs": {MEDIA_U8: ("uint8", [-1]), FRAME_INDICES: ("int32", [-1])},
         "outputs": {"FRAMES": ("uint8", TENSORS["FRAMES"].dims())},
-    },
-    "mel_pieces": {
-        "inputs": {"AUDIO": ("float32", TENSORS["AUDIO"].dims())},
-        "outputs": {"MEL_PIECES": ("float32", TENSORS["MEL_PIECES"].dims())},
     },
 }
 
@@ -63,11 +57,6 @@ def require_dali():
         raise RuntimeError("NVIDIA DALI is not installed: pip install -e '.[dali]' "
                            "(nvidia-dali-cuda120)") from error
     return dali
-
-
-def torch_hann_window(length: int = N_FFT) -> np.ndarray:
-    """torch.hann_window(length) (periodic): DALI's default Hann differs from torchaudio's."""
-    return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(length) / length)).astype(np.float32)
 
 
 def video_pipeline(device: str = "mixed", *, max_side: int = MAX_FRAME_SIDE, batch_size: int = 8,
@@ -92,42 +81,11 @@ def video_pipeline(device: str = "mixed", *, max_side: int = MAX_FRAME_SIDE, bat
     return pipe
 
 
-def mel_pipeline(device: str = "gpu", *, batch_size: int = 8, num_threads: int = 2,
-                 device_id: int | None = None):
-    """mel_pieces' pipeline; AUDIO arrives on the host (PyAV decodes it) and moves to the GPU here."""
-    dali = require_dali()
-    fn, types = dali.fn, dali.types
-    pipe = dali.Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                         output_dtype=[types.FLOAT], output_ndim=[4])
-    with pipe:
-        audio = fn.external_source(name="AUDIO", dtype=types.FLOAT, ndim=1)
-        if device == "gpu":
-            audio = audio.gpu()
-        # Reflect padding needs more than N_FFT / 2 samples: shorter audio is zero-padded to
-        # that first, as fv2es.features does (fn.pad leaves longer samples as they are).
-        audio = fn.pad(audio, axes=(0,), shape=(N_FFT // 2 + 1,))
-        power = fn.spectrogram(audio, nfft=N_FFT, window_length=N_FFT, window_step=HOP,
-                               window_fn=torch_hann_window().tolist(), center_windows=True,
-                               reflect_padding=True, power=2, layout="ft")
-        mel = fn.mel_filter_bank(power, sample_rate=SAMPLE_RATE, nfilter=N_MELS, mel_formula="htk",
-                                 normalize=False, freq_low=0.0, freq_high=SAMPLE_RATE / 2)
-        # [128, T] -> zero-pad T to whole pieces -> [P, 128, 32] -> each piece as [4, 32, 32].
-        # shape=1 stops fn.pad from padding to the batch's longest sample.
-        mel = fn.pad(mel, axes=(1,), align=PIECE_FRAMES, shape=(1,))
-        pieces = fn.transpose(fn.reshape(mel, shape=[N_MELS, -1, PIECE_FRAMES]), perm=[1, 0, 2])
-        pieces = fn.reshape(pieces, shape=[-1, 4, 32, 32])
-        pipe.set_outputs(pieces)
-    return pipe
-
-
 def make_pipeline(model: str, *, gpu: bool = True, batch_size: int = 8, num_threads: int = 4,
                   device_id: int | None = None):
     if model == "decode_video_dali":
         return video_pipeline("mixed" if gpu else "cpu", batch_size=batch_size,
                               num_threads=num_threads, device_id=device_id)
-    if model == "mel_pieces":
-        return mel_pipeline("gpu" if gpu else "cpu", batch_size=batch_size,
-                            num_threads=num_threads, device_id=device_id)
     raise KeyError(f"no DALI model {model!r}; known: {sorted(DALI_MODELS)}")
 
 
@@ -185,15 +143,19 @@ class VideoProbe(NamedTuple):
 def probe_video(media: bytes) -> VideoProbe | None:
     """Demux without decoding; None when the file has no video stream.
 
-    Errors are PyAV's (FFmpegError). Rotation metadata is not read: PyAV exposes it only
+    Errors are PyAV's (FFmpegError) or fv2es.media's (MediaError: a refused file). Rotation metadata is not read: PyAV exposes it only
     on decoded frames.
     """
-    with av.open(io.BytesIO(media), metadata_errors="ignore") as container:
+    # The host decoder's opening, allow-lists and limits: NVDEC is held to the same rules.
+    with host_media.open_media(media) as container:
         streams = [s for s in container.streams.video
                    if not s.disposition & av.stream.Disposition.attached_pic]   # cover art
         if not streams:
             return None
         stream = streams[0]
+        if stream.codec_context is None:
+            raise host_media.MediaError("video codec not supported")
+        host_media.check_frame_size(stream.codec_context.width, stream.codec_context.height)
         origin = container.start_time / 1e6 if container.start_time is not None else 0.0
         times, ends = [], [0.0]
         for packet in container.demux():
@@ -203,6 +165,7 @@ def probe_video(media: bytes) -> VideoProbe | None:
             start = float(stamp * packet.time_base) - origin
             ends.append(start + float((packet.duration or 0) * packet.time_base))
             if packet.stream is stream and packet.size:
+                host_media.check_length(start, host_media.MAX_VIDEO_S, "video")
                 times.append((start, float((packet.duration or 0) * packet.time_base)))
         if not times:
             raise ValueError("video stream has no timestamped frames")
@@ -211,6 +174,7 @@ def probe_video(media: bytes) -> VideoProbe | None:
         if not last_duration and stream.average_rate:
             last_duration = float(1 / stream.average_rate)
         declared = container.duration / 1e6 if container.duration is not None else max(ends)
+        host_media.check_length(declared, host_media.MAX_VIDEO_S, "video")
         return VideoProbe(np.array([t for t, _ in times]), last + last_duration, declared,
                           stream.codec_context.name)
 

@@ -18,7 +18,6 @@ numbers (the tests compare them on CPU); every step runs on device "cpu" too.
 from __future__ import annotations
 
 import fcntl
-import io
 import logging
 import os
 from contextlib import contextmanager
@@ -30,6 +29,7 @@ import torch
 from fv2es_client.contract import FACE_MEAN, FACE_SIZE, FACE_STD, MAX_MEDIA_BYTES, N_MELS, PIECE_FRAMES
 
 from fv2es import features, steps
+from fv2es import media as host_media
 from fv2es.gpu.dali_pipelines import (
     CPU_CODECS, FRAME_INDICES, MEDIA_U8, probe_video, require_dali, sample_indices,
 )
@@ -113,7 +113,7 @@ def display_turns(media: bytes) -> int:
     """Counter-clockwise quarter turns that make the first video stream upright, as fv2es.media
     applies them. PyAV exposes the display matrix only on decoded frames, so this decodes the
     first frame (milliseconds; NVDEC still decodes the sampled ones)."""
-    with av.open(io.BytesIO(media), metadata_errors="ignore") as container:
+    with host_media.open_media(media) as container:
         streams = [s for s in container.streams.video
                    if not s.disposition & av.stream.Disposition.attached_pic]
         for frame in container.decode(streams[0]):
@@ -180,7 +180,7 @@ class DecodeVideo(steps.Step):
         self.host = steps.DecodeVideo()
 
     def process(self, clip):
-        media = steps.read_bytes(clip["MEDIA"])
+        media = steps.read_media(clip)
         probe = _probe(media)
         if probe is None or probe.codec not in self.codecs:
             return self.host.process(clip)
@@ -255,9 +255,8 @@ class VisualEncoder(_TorchEncoder, steps.VisualEncoder):
 
 
 class AudioEncoder(_TorchEncoder, steps.AudioEncoder):
-    def network_inputs(self, clips):
-        pieces, mask = pad_stack([c["MEL_PIECES"] for c in clips])
-        return {"pieces": pieces, "piece_mask": mask}
+    concat = staticmethod(torch.cat)
+    pad_stack = staticmethod(pad_stack)
 
 
 class TextEncoder(_TorchEncoder, steps.TextEncoder):
@@ -311,9 +310,8 @@ def build_step(params: dict[str, str], version_dir: Path, device: str, nvdec=Non
             from fv2es.checkpoint import load_checkpoint
             from fv2es.gpu.torch_cuda import CudaRunner
 
-            network = ENCODERS[name].network
-            model = load_checkpoint(version_dir / CHECKPOINT_DIR)
-            runner = CudaRunner({network: getattr(model, f"{network}_net")()}, device,
+            networks = load_checkpoint(version_dir / CHECKPOINT_DIR).networks()
+            runner = CudaRunner({network: networks[network] for network in steps.STEP_NETWORKS[name]}, device,
                                 precision=params["precision"], graphs=params["cuda_graphs"] == "yes")
         return ENCODERS[name](runner)
     raise KeyError(f"the gpu profile has no GPU step {name!r}")

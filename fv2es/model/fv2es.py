@@ -187,8 +187,14 @@ class FV2ES(nn.Module):
 
     def audio_logits(self, pieces: torch.Tensor, piece_mask: torch.Tensor) -> torch.Tensor:
         batch, count = piece_mask.shape
-        features = self.A(pieces.reshape(-1, *pieces.shape[2:])).flatten(1)
-        items = self.a_flatten(features).reshape(batch, count, -1)
+        items = self.audio_items(pieces.reshape(-1, *pieces.shape[2:])).reshape(batch, count, -1)
+        return self.audio_clip_logits(items, piece_mask)
+
+    def audio_items(self, pieces: torch.Tensor) -> torch.Tensor:
+        """pieces (N, 4, 32, 32) -> one item (N, dim) each: every piece on its own."""
+        return self.a_flatten(self.A(pieces).flatten(1))
+
+    def audio_clip_logits(self, items: torch.Tensor, piece_mask: torch.Tensor) -> torch.Tensor:
         return self.a_out(self.a_transformer(items, piece_mask))
 
     def text_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -204,7 +210,19 @@ class FV2ES(nn.Module):
         return _View(self, "visual_logits")
 
     def audio_net(self) -> nn.Module:
+        """The whole audio encoder (the reference): pieces (B, P, 4, 32, 32) -> logits."""
         return _View(self, "audio_logits")
+
+    def audio_pieces_net(self) -> nn.Module:
+        return _View(self, "audio_items")
+
+    def audio_clip_net(self) -> nn.Module:
+        return _View(self, "audio_clip_logits")
+
+    def networks(self) -> dict[str, nn.Module]:
+        """The served networks by contract name (contract.NETWORKS, less MTCNN's)."""
+        return {"visual": self.visual_net(), "audio_pieces": self.audio_pieces_net(),
+                "audio_clip": self.audio_clip_net(), "text": self.text_net(), "fusion": self.fusion_net()}
 
     def text_net(self) -> nn.Module:
         return _View(self, "text_logits")

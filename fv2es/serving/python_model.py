@@ -20,7 +20,7 @@ import triton_python_backend_utils as pb_utils  # provided by the python backend
 from fv2es_client.contract import TENSORS
 
 from fv2es.media import MediaError
-from fv2es.steps import STEP_NETWORKS, make_step
+from fv2es.steps import STEP_NETWORKS, guarded, make_step
 
 
 def build_served_step(params: dict[str, str], version_dir: Path):
@@ -79,24 +79,22 @@ class TritonPythonModel:
     def _response(self, outputs: dict):
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor(name, as_contract_dtype(name, outputs[name])[np.newaxis])
-            for name in self.step.spec.outputs])
+            for name in self.step.spec.served_outputs])
 
     def _error(self, exc: Exception):
-        # Bad media is the client's problem (INVALID_ARGUMENT); anything else is ours (INTERNAL).
+        # Only RESPOND answers with errors (contract.RESPOND says why); the message already
+        # names the step that failed. Bad media is the client's problem, anything else ours.
         code = pb_utils.TritonError.INVALID_ARG if isinstance(exc, MediaError) else pb_utils.TritonError.INTERNAL
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.step.name}: {exc}", code))
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), code))
 
     def execute(self, requests):
-        if self.step.batching:
-            # One network call for the whole dynamic batch; a failure fails the batch.
-            try:
-                return [self._response(out) for out in self.step([self._clip(r) for r in requests])]
-            except Exception as exc:  # noqa: BLE001 - reported to every client of the batch
-                return [self._error(exc) for _ in requests]
+        clips = [self._clip(r) for r in requests]
+        # One call for the whole dynamic batch (batching steps), one per request otherwise.
+        calls = [clips] if self.step.batching else [[clip] for clip in clips]
         responses = []
-        for request in requests:
+        for call in calls:
             try:
-                responses.append(self._response(self.step.process(self._clip(request))))
-            except Exception as exc:  # noqa: BLE001 - the client gets the message, the server keeps serving
-                responses.append(self._error(exc))
+                responses += [self._response(out) for out in guarded(self.step, call)]
+            except Exception as exc:  # noqa: BLE001 - RESPOND's answer; the server keeps serving
+                responses += [self._error(exc) for _ in call]
         return responses

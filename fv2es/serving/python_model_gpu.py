@@ -71,7 +71,9 @@ class TritonPythonModel(python_model.TritonPythonModel):
         gpu = args["model_instance_kind"] == "GPU"
         self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if gpu else "cpu")
         nvdec = DaliBls(params["dali_model"], self.device) if params.get("dali_model") else None
-        runner = BlsRunner({params["network"]: params["plan_model"]}, self.device) if params.get("plan_model") else None
+        # plan_models: "network:model,...", the TensorRT models serving this step's networks.
+        plans = dict(pair.split(":") for pair in params["plan_models"].split(",")) if params.get("plan_models") else None
+        runner = BlsRunner(plans, self.device) if plans else None
         return build_step(params, version_dir, str(self.device), nvdec=nvdec, runner=runner)
 
     def _clip(self, request) -> dict:
@@ -86,7 +88,7 @@ class TritonPythonModel(python_model.TritonPythonModel):
 
     def _response(self, outputs: dict):
         tensors = []
-        for name in self.step.spec.outputs:
+        for name in self.step.spec.served_outputs:
             value = outputs[name]
             if isinstance(value, torch.Tensor):
                 value = value.to(TORCH_DTYPES[TENSORS[name].dtype]).unsqueeze(0).contiguous()
