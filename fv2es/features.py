@@ -1,11 +1,13 @@
 """Model inputs from decoded media: mel spectrogram pieces and normalised face crops.
 
-numpy only (no torch): the Triton python-backend steps and the in-process predictor share
-this code.
+One implementation, in torch, for every profile: it runs on the device of the tensor it is
+given (CPU in the cpu profile and the predictor, CUDA in the gpu profile). Given a numpy
+array it answers a numpy array, given a tensor a tensor on the same device.
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
 from fv2es_client import contract
 
 N_FFT = 400
@@ -40,46 +42,53 @@ def mel_filterbank(sample_rate=contract.SAMPLE_RATE, n_fft=N_FFT, n_mels=contrac
 
 
 _FILTERBANK = mel_filterbank()
-# Periodic Hann, as torch.hann_window(N_FFT) gives.
-_WINDOW = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)
 
 
-def mel_spectrogram(audio: np.ndarray) -> np.ndarray:
+def _like(given, result: torch.Tensor):
+    """RESULT as numpy when GIVEN was numpy, else as it is (on GIVEN's device)."""
+    return result.cpu().numpy() if isinstance(given, np.ndarray) else result
+
+
+def mel_spectrogram(audio):
     """Power mel spectrogram of 16 kHz mono AUDIO: float32 [128, T], T = 1 + S // 200.
 
     torchaudio.transforms.MelSpectrogram(16000, n_fft=400, hop_length=200, n_mels=128,
     mel_scale="htk") semantics: periodic Hann window, power 2, no filter normalisation,
-    centred frames with reflect padding, no log. Audio shorter than 201 samples (reflect
-    padding needs more than 200) is zero-padded to 201 first.
+    centred frames with reflect padding, no log; float64 inside. Audio shorter than 201
+    samples (reflect padding needs more than 200) is zero-padded to 201 first.
     """
-    audio = np.asarray(audio, np.float64).reshape(-1)
+    return _like(audio, _mel(torch.as_tensor(audio)))
+
+
+def _mel(audio: torch.Tensor) -> torch.Tensor:
+    audio = audio.reshape(-1).double()
     half = N_FFT // 2
-    if audio.size <= half:
-        audio = np.pad(audio, (0, half + 1 - audio.size))
-    padded = np.pad(audio, half, mode="reflect")
-    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP]
-    mel = np.empty((frames.shape[0], contract.N_MELS), np.float32)
-    for start in range(0, frames.shape[0], _STFT_BLOCK):
-        spectrum = np.fft.rfft(frames[start:start + _STFT_BLOCK] * _WINDOW, axis=1)
-        power = spectrum.real ** 2 + spectrum.imag ** 2
-        mel[start:start + _STFT_BLOCK] = power @ _FILTERBANK
-    return mel.T.copy()
+    if audio.numel() <= half:
+        audio = torch.nn.functional.pad(audio, (0, half + 1 - audio.numel()))
+    padded = torch.nn.functional.pad(audio[None], (half, half), mode="reflect")[0]
+    frames = padded.unfold(0, N_FFT, HOP)        # a view: no copy
+    window = torch.hann_window(N_FFT, periodic=True, dtype=torch.float64, device=audio.device)
+    filterbank = torch.from_numpy(_FILTERBANK).to(audio.device)
+    mel = torch.empty((frames.shape[0], contract.N_MELS), dtype=torch.float32, device=audio.device)
+    for start in range(0, frames.shape[0], _STFT_BLOCK):    # blocks bound the memory on long audio
+        spectrum = torch.fft.rfft(frames[start:start + _STFT_BLOCK] * window, dim=1)
+        mel[start:start + _STFT_BLOCK] = ((spectrum.real ** 2 + spectrum.imag ** 2) @ filterbank).float()
+    return mel.T.contiguous()
 
 
-def mel_pieces(audio: np.ndarray) -> np.ndarray:
+def mel_pieces(audio):
     """The mel spectrogram cut into 32-frame pieces: float32 [P, 4, 32, 32], P >= 1.
 
     The last piece is zero-padded; each [128, 32] piece is reshaped in C order to
     [4, 32, 32] (channel c holds mel bins 32c .. 32c + 31), as the authors'
     specs.reshape(B, 4, 32, 32) does.
     """
-    mel = mel_spectrogram(audio)
+    mel = _mel(torch.as_tensor(audio))
     width = contract.PIECE_FRAMES
     count = -(-mel.shape[1] // width)
-    padded = np.zeros((contract.N_MELS, count * width), np.float32)
-    padded[:, :mel.shape[1]] = mel
-    pieces = padded.reshape(contract.N_MELS, count, width).transpose(1, 0, 2)
-    return np.ascontiguousarray(pieces).reshape(count, 4, 32, 32)
+    mel = torch.nn.functional.pad(mel, (0, count * width - mel.shape[1]))
+    pieces = mel.reshape(contract.N_MELS, count, width).permute(1, 0, 2)
+    return _like(audio, pieces.reshape(count, 4, 32, 32).contiguous())
 
 
 def area_weights(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,15 +105,19 @@ def area_weights(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
     return spans.astype(np.float64), (ends - starts).astype(np.float64)
 
 
-def area_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+def area_resize(image, height: int, width: int):
     """Resize [H, W, C] like torch interpolate(mode="area"): float64 [height, width, C].
 
     Sums are taken with 0/1 weights and divided once, so a mean that is a whole number
     comes out exact (facenet truncates the result to uint8 next).
     """
-    rows, row_counts = area_weights(image.shape[0], height)
-    cols, col_counts = area_weights(image.shape[1], width)
-    sums = np.einsum("ih,hwc,jw->ijc", rows, image.astype(np.float64), cols, optimize=True)
+    return _like(image, _area_resize(torch.as_tensor(image), height, width))
+
+
+def _area_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    rows, row_counts = (torch.from_numpy(a).to(image.device) for a in area_weights(image.shape[0], height))
+    cols, col_counts = (torch.from_numpy(a).to(image.device) for a in area_weights(image.shape[1], width))
+    sums = torch.einsum("ih,hwc,jw->ijc", rows, image.double(), cols)
     return sums / (row_counts[:, None, None] * col_counts[None, :, None])
 
 
@@ -124,36 +137,39 @@ def face_box(box, frame_height: int, frame_width: int) -> tuple[int, int, int, i
     return left, top, max(right, left + 1), max(bottom, top + 1)
 
 
-def _centre_patch(frame: np.ndarray) -> np.ndarray:
+def _centre_patch(frame: torch.Tensor) -> torch.Tensor:
     """The frame's central FACE_SIZE square (torchvision CenterCrop offsets), or the
     whole frame resized when it is smaller than that."""
     size = contract.FACE_SIZE
     height, width = frame.shape[:2]
     if height < size or width < size:
-        return area_resize(frame, size, size)
+        return _area_resize(frame, size, size)
     top = int(round((height - size) / 2.0))
     left = int(round((width - size) / 2.0))
-    return frame[top:top + size, left:left + size].astype(np.float64)
+    return frame[top:top + size, left:left + size].double()
 
 
-def crop_faces(frames: np.ndarray, boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Normalised 48x48 face crops: float32 [F, 3, 48, 48].
+def crop_faces(frames, boxes, scores):
+    """Normalised 48x48 face crops: float32 [F, 3, 48, 48], on the frames' device.
 
     Where SCORES > 0, the crop follows facenet_pytorch.MTCNN(image_size=48, margin=2,
     post_process=False) on a tensor image: box plus margin, clamped, cut, area-resized
     to 48x48 and truncated to uint8. Where SCORES == 0 (no face) the centre patch of the
     frame stands in, as the authors do. Then (x - FACE_MEAN) / FACE_STD per channel on
-    the 0-255 scale.
+    the 0-255 scale. The boxes and scores are read on the host (5 floats a frame) to plan
+    the crops; the pixels stay on their device.
     """
+    images = torch.as_tensor(frames)
+    boxes, scores = np.asarray(torch.as_tensor(boxes).cpu()), np.asarray(torch.as_tensor(scores).cpu())
     size = contract.FACE_SIZE
-    count, height, width = frames.shape[:3]
-    faces = np.empty((count, size, size, 3), np.float64)
+    count, height, width = images.shape[:3]
+    faces = torch.empty((count, size, size, 3), dtype=torch.float64, device=images.device)
     for i in range(count):
         if scores[i] > 0:
             left, top, right, bottom = face_box(boxes[i], height, width)
-            faces[i] = np.floor(area_resize(frames[i, top:bottom, left:right], size, size))
+            faces[i] = torch.floor(_area_resize(images[i, top:bottom, left:right], size, size))
         else:
-            faces[i] = _centre_patch(frames[i])
-    mean = np.asarray(contract.FACE_MEAN)
-    std = np.asarray(contract.FACE_STD)
-    return ((faces - mean) / std).transpose(0, 3, 1, 2).astype(np.float32)
+            faces[i] = _centre_patch(images[i])
+    mean = torch.tensor(contract.FACE_MEAN, dtype=torch.float64, device=images.device)
+    std = torch.tensor(contract.FACE_STD, dtype=torch.float64, device=images.device)
+    return _like(frames, ((faces - mean) / std).permute(0, 3, 1, 2).float().contiguous())

@@ -38,17 +38,21 @@ def flag(value: bool) -> np.ndarray:
     return np.array([bool(value)])
 
 
-def pad_stack(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Stack [n_i, ...] arrays into [B, max n, ...] zero-padded, with a [B, max n] mask of real rows.
+def pad_stack(arrays: list) -> tuple:
+    """Stack [n_i, ...] arrays or tensors into a tensor [B, max n, ...] zero-padded, with a
+    [B, max n] mask of real rows, on the first one's device.
 
     At least one position per clip, so a clip with no rows still runs (its CLS alone).
     """
-    longest = max(1, max(len(a) for a in arrays))
-    stacked = np.zeros((len(arrays), longest) + arrays[0].shape[1:], dtype=arrays[0].dtype)
-    mask = np.zeros((len(arrays), longest), dtype=bool)
-    for i, a in enumerate(arrays):
-        stacked[i, :len(a)] = a
-        mask[i, :len(a)] = True
+    import torch
+
+    tensors = [torch.as_tensor(a) for a in arrays]
+    longest = max(1, max(len(t) for t in tensors))
+    stacked = tensors[0].new_zeros((len(tensors), longest) + tuple(tensors[0].shape[1:]))
+    mask = torch.zeros((len(tensors), longest), dtype=torch.bool, device=tensors[0].device)
+    for i, t in enumerate(tensors):
+        stacked[i, :len(t)] = t.to(stacked.device)
+        mask[i, :len(t)] = True
     return stacked, mask
 
 
@@ -151,10 +155,11 @@ class DetectFaces(Step):
 
     def process(self, clip):
         torch = self._torch
-        frames = torch.from_numpy(np.ascontiguousarray(clip["FRAMES"])).to(self.device)
+        frames = torch.as_tensor(clip["FRAMES"]).to(self.device)
         # No frames: one call on the empty batch gives the empty (float32) results.
         found = [self._detect(frames[start:start + self.frames_per_call], self.run_net)
                  for start in range(0, max(len(frames), 1), self.frames_per_call)]
+        # 5 floats a frame: they go to the host, where crop_faces plans its crops.
         return {"FACE_BOXES": torch.cat([b for b, _ in found]).cpu().numpy(),
                 "FACE_SCORES": torch.cat([s for _, s in found]).cpu().numpy()}
 
@@ -163,22 +168,20 @@ class CropFaces(Step):
     name = "crop_faces"
 
     def process(self, clip):
-        faces = features.crop_faces(clip["FRAMES"], clip["FACE_BOXES"], clip["FACE_SCORES"])
-        return {"FACES": faces.astype(np.float32)}
+        return {"FACES": features.crop_faces(clip["FRAMES"], clip["FACE_BOXES"], clip["FACE_SCORES"])}
 
 
 class MelPieces(Step):
     name = "mel_pieces"
 
     def process(self, clip):
-        return {"MEL_PIECES": features.mel_pieces(clip["AUDIO"]).astype(np.float32)}
+        return {"MEL_PIECES": features.mel_pieces(clip["AUDIO"])}
 
 
 class Encoder(Step):
     """A batching step: pad every clip's sequence, one network call, split the logits."""
     batching = True
     network = ""
-    inputs: tuple[str, ...] = ()       # step tensor names, in the network's input order
     output = ""
 
     def __init__(self, runner: Runner):
@@ -189,7 +192,7 @@ class Encoder(Step):
 
     def __call__(self, clips):
         logits = self.runner(self.network, self.network_inputs(clips))["logits"]
-        return [{self.output: row.astype(np.float32)} for row in logits]
+        return [{self.output: row} for row in logits]
 
 
 class VisualEncoder(Encoder):
@@ -208,18 +211,17 @@ class AudioEncoder(Encoder):
     name, network, output = "audio_encoder", "audio_clip", "AUDIO_LOGITS"
 
     def network_inputs(self, clips):
-        pieces = [c["MEL_PIECES"] for c in clips]
-        every = self.concat(pieces)
+        import torch
+
+        pieces = [torch.as_tensor(c["MEL_PIECES"]) for c in clips]
+        every = torch.cat(pieces)
         chunks = [self.runner("audio_pieces", {"pieces": every[start:start + AUDIO_PIECES_PER_CALL]})["items"]
                   for start in range(0, len(every), AUDIO_PIECES_PER_CALL)]
-        items = self.concat(chunks) if chunks else every.reshape(0, ITEM_DIM)
+        items = torch.cat([torch.as_tensor(c).to(every.device) for c in chunks]) if chunks \
+            else every.reshape(0, ITEM_DIM)
         bounds = np.cumsum([0] + [len(p) for p in pieces])
-        items, mask = self.pad_stack([items[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+        items, mask = pad_stack([items[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
         return {"items": items, "piece_mask": mask}
-
-    # Array operations, so that the gpu profile's subclass runs the same code on torch tensors.
-    concat = staticmethod(np.concatenate)
-    pad_stack = staticmethod(pad_stack)
 
 
 class TextEncoder(Encoder):
@@ -228,7 +230,7 @@ class TextEncoder(Encoder):
     def network_inputs(self, clips):
         ids, _ = pad_stack([c["INPUT_IDS"] for c in clips])
         mask, _ = pad_stack([c["ATTENTION_MASK"] for c in clips])
-        return {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
+        return {"input_ids": ids.long(), "attention_mask": mask.long()}
 
 
 class Transcribe(Step):
@@ -301,6 +303,9 @@ class Respond(Step):
 STEP_CLASSES = {cls.name: cls for cls in (
     DecodeVideo, DecodeAudio, DetectFaces, CropFaces, VisualEncoder, MelPieces, AudioEncoder,
     Transcribe, Tokenize, TextEncoder, Fusion, Respond)}
+
+# The steps that run networks on batches of clips (the gpu profile puts them on the GPU).
+ENCODER_STEPS = tuple(name for name, cls in STEP_CLASSES.items() if issubclass(cls, Encoder))
 
 # The networks each step runs through a runner: the builders put these ONNX files in the
 # step's folder. (detect_faces runs its three small nets as torch modules: fv2es.mtcnn.)

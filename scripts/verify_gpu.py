@@ -9,7 +9,7 @@ wheels and runs this.
 2. Builds the gpu profile (torch encoders; DALI in the decode glue's process when DALI
    imports: the nvidia-pytriton server has no DALI backend), serves it with that server,
    sends the clips and compares every answer with the CPU reference predictor (fp32):
-   logits within torch_cuda.TOLERANCE (relative to the reference's largest logit), the
+   logits within fv2es.parity.TOLERANCE (relative to the reference's largest logit), the
    rest equal.
 3. Throughput with perf_analyzer on the 10 s 720p clip: clips/s, p50 and p99 latency at a
    few concurrencies.
@@ -51,10 +51,6 @@ def make_clips(folder: Path) -> None:
         media_factory.make_clip(folder / name, container, vcodec, acodec, seconds, **options)
 
 
-def relative_error(got, want) -> float:
-    return float(np.abs(np.asarray(got) - np.asarray(want)).max() / max(float(np.abs(want).max()), 1e-6))
-
-
 class Checks:
     def __init__(self):
         self.rows = []
@@ -70,7 +66,8 @@ def in_process_checks(checks: Checks, clips: Path, dali: bool) -> None:
     from fv2es import features, media, mtcnn
     from fv2es.checkpoint import default_model
     from fv2es.gpu import steps as gpu_steps
-    from fv2es.gpu.torch_cuda import TOLERANCE, CudaRunner
+    from fv2es.gpu.torch_cuda import CudaRunner
+    from fv2es.parity import TOLERANCE, relative_error
     from fv2es.runners import TorchRunner, output_names
 
     face = (clips / "face-10s-720p.mp4").read_bytes()
@@ -84,7 +81,7 @@ def in_process_checks(checks: Checks, clips: Path, dali: bool) -> None:
                f"largest box difference {box_error:.3g} px, faces found in the same frames")
 
     audio = media.decode_audio(face).samples
-    mel_error = relative_error(gpu_steps.mel_pieces(torch.from_numpy(audio).cuda()).cpu(), features.mel_pieces(audio))
+    mel_error = relative_error(features.mel_pieces(torch.from_numpy(audio).cuda()).cpu(), features.mel_pieces(audio))
     checks.add("mel pieces on the GPU", mel_error <= 1e-5, f"relative error {mel_error:.2e}")
 
     model = default_model().fuse_repvgg()
@@ -104,8 +101,8 @@ def in_process_checks(checks: Checks, clips: Path, dali: bool) -> None:
         want = reference(network, x)[output]
         runner(network, x)      # the first call captures the graph, the second replays it
         error = relative_error(runner(network, x)[output].cpu(), want)
-        checks.add(f"{network} encoder bf16 + CUDA graphs", error <= TOLERANCE["bf16"],
-                   f"relative error {error:.2e} (tolerance {TOLERANCE['bf16']:.0e}); graphs captured: "
+        checks.add(f"{network} encoder bf16 + CUDA graphs", error <= TOLERANCE["torch-bf16"],
+                   f"relative error {error:.2e} (tolerance {TOLERANCE['torch-bf16']:.0e}); graphs captured: "
                    f"{network not in runner.eager_only}")
 
     if dali:
@@ -148,11 +145,11 @@ def asr_runs_on_cuda() -> bool:
 def served_checks(checks: Checks, server, clips: Path) -> None:
     from fv2es_client import Fv2esClient, Prediction
 
-    from fv2es.gpu.torch_cuda import TOLERANCE
+    from fv2es.parity import TOLERANCE, relative_error
     from fv2es.predictor import Predictor
 
     predictor = Predictor()
-    tolerance = TOLERANCE["bf16"]
+    tolerance = TOLERANCE["torch-bf16"]
     with Fv2esClient(server.grpc_url, timeout_s=600) as client:
         for path in sorted(clips.iterdir()):
             served = client.predict(path, transcript=TRANSCRIPT)

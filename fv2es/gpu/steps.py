@@ -1,19 +1,17 @@
-"""GPU variants of the served graph's steps (the gpu profile), same names and tensors as
-fv2es.steps.
+"""The gpu profile's own pieces of the served graph: video decoding on NVDEC (DALI), with
+host decoding for a share of the clips, and how each step is built from its folder on a
+device. Every other computation is the cpu profile's step code (fv2es.steps,
+fv2es.features, fv2es.mtcnn), in torch, on the device it is handed.
 
 Between decoding and the encoders every image, spectrogram and network tensor is a torch
 tensor on the step's device; the python-backend adapter (fv2es.serving.python_model_gpu)
 passes them from step to step by DLPack, so no pixels or features come back to the host.
 What does cross, and why:
 - detect_faces: the candidate counts of each MTCNN stage (torch.nonzero sizes the next
-  batch) and one flag per NMS round; no pixels, scores or boxes.
-- crop_faces: FACE_BOXES and FACE_SCORES (5 floats a frame) to plan each frame's crop.
+  batch) and one flag per NMS round, and its boxes and scores (5 floats a frame), which
+  crop_faces reads on the host to plan each frame's crop.
 - the per-modality logits, at fusion, which runs on the host: they are part of the
   response anyway, and a Linear(3 -> 1) is not worth a GPU.
-
-MTCNN is fv2es.mtcnn itself (torch on any device); the crop and mel code mirrors the numpy
-reference (fv2es.features) operation for operation, so on the same device it gives the same
-numbers (the tests compare them on CPU); every step runs on device "cpu" too.
 """
 from __future__ import annotations
 
@@ -26,85 +24,18 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
-from fv2es_client.contract import FACE_MEAN, FACE_SIZE, FACE_STD, MAX_MEDIA_BYTES, N_MELS, PIECE_FRAMES
+from fv2es_client.contract import MAX_MEDIA_BYTES
 
-from fv2es import features, steps
 from fv2es import media as host_media
+from fv2es import mtcnn, steps
 from fv2es.gpu.dali_pipelines import (
     CPU_CODECS, FRAME_INDICES, MEDIA_U8, probe_video, require_dali, sample_indices,
 )
-from fv2es import mtcnn
 
 log = logging.getLogger(__name__)
 
 # What the DALI "mixed" video decoder (NVDEC) takes, by FFmpeg codec name.
 NVDEC_CODECS = frozenset({"h264", "hevc", "av1", "mpeg4", "vp8", "vp9", "mjpeg"})
-
-
-def pad_stack(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """fv2es.steps.pad_stack for torch tensors: [B, longest, ...] zero-padded, and the mask."""
-    longest = max(1, max(len(t) for t in tensors))
-    stacked = tensors[0].new_zeros((len(tensors), longest) + tuple(tensors[0].shape[1:]))
-    mask = torch.zeros((len(tensors), longest), dtype=torch.bool, device=tensors[0].device)
-    for i, t in enumerate(tensors):
-        stacked[i, :len(t)] = t
-        mask[i, :len(t)] = True
-    return stacked, mask
-
-
-# --- face crops and mel pieces: fv2es.features on torch --------------------------------------
-
-def _area_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """features.area_resize on torch: float64 [height, width, C], exact integer bin sums."""
-    rows, row_counts = (torch.from_numpy(a).to(image.device) for a in features.area_weights(image.shape[0], height))
-    cols, col_counts = (torch.from_numpy(a).to(image.device) for a in features.area_weights(image.shape[1], width))
-    sums = torch.einsum("ih,hwc,jw->ijc", rows, image.double(), cols)
-    return sums / (row_counts[:, None, None] * col_counts[None, :, None])
-
-
-def _centre_patch(frame: torch.Tensor) -> torch.Tensor:
-    height, width = frame.shape[:2]
-    if height < FACE_SIZE or width < FACE_SIZE:
-        return _area_resize(frame, FACE_SIZE, FACE_SIZE)
-    top = int(round((height - FACE_SIZE) / 2.0))
-    left = int(round((width - FACE_SIZE) / 2.0))
-    return frame[top:top + FACE_SIZE, left:left + FACE_SIZE].double()
-
-
-def crop_faces(frames: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """features.crop_faces on torch: float32 [F, 3, 48, 48]. The boxes and scores are read on
-    the host (5 floats a frame) to plan the crops; the pixels stay on their device."""
-    count, height, width = frames.shape[:3]
-    boxes, scores = boxes.cpu().numpy(), scores.cpu().numpy()
-    faces = torch.empty((count, FACE_SIZE, FACE_SIZE, 3), dtype=torch.float64, device=frames.device)
-    for i in range(count):
-        if scores[i] > 0:
-            left, top, right, bottom = features.face_box(boxes[i], height, width)
-            faces[i] = torch.floor(_area_resize(frames[i, top:bottom, left:right], FACE_SIZE, FACE_SIZE))
-        else:
-            faces[i] = _centre_patch(frames[i])
-    mean = torch.tensor(FACE_MEAN, dtype=torch.float64, device=frames.device)
-    std = torch.tensor(FACE_STD, dtype=torch.float64, device=frames.device)
-    return ((faces - mean) / std).permute(0, 3, 1, 2).float().contiguous()
-
-
-def mel_pieces(audio: torch.Tensor) -> torch.Tensor:
-    """features.mel_pieces on torch (float64 inside, as the reference): float32 [P, 4, 32, 32]."""
-    audio = audio.reshape(-1).double()
-    half = features.N_FFT // 2
-    if audio.numel() <= half:
-        audio = torch.nn.functional.pad(audio, (0, half + 1 - audio.numel()))
-    padded = torch.nn.functional.pad(audio[None], (half, half), mode="reflect")[0]
-    frames = padded.unfold(0, features.N_FFT, features.HOP)
-    window = torch.hann_window(features.N_FFT, periodic=True, dtype=torch.float64, device=audio.device)
-    spectrum = torch.fft.rfft(frames * window, dim=1)
-    power = spectrum.real ** 2 + spectrum.imag ** 2
-    filterbank = torch.from_numpy(features.mel_filterbank()).to(audio.device)
-    mel = (power @ filterbank).float().T                     # [128, T]
-    count = -(-mel.shape[1] // PIECE_FRAMES)
-    mel = torch.nn.functional.pad(mel, (0, count * PIECE_FRAMES - mel.shape[1]))
-    pieces = mel.reshape(N_MELS, count, PIECE_FRAMES).permute(1, 0, 2)
-    return pieces.reshape(count, 4, 32, 32).contiguous()
 
 
 # --- video decoding: NVDEC for most clips, host cores for a share ----------------------------
@@ -213,62 +144,6 @@ def _probe(media: bytes):
         return None
 
 
-# --- the other steps -------------------------------------------------------------------------
-
-class DetectFaces(steps.Step):
-    name = "detect_faces"
-
-    def __init__(self, nets: dict[str, torch.nn.Module]):
-        self.run_net = mtcnn.torch_runner(nets)
-
-    def process(self, clip):
-        boxes, scores = mtcnn.detect_faces(clip["FRAMES"], self.run_net)
-        return {"FACE_BOXES": boxes, "FACE_SCORES": scores}
-
-
-class CropFaces(steps.Step):
-    name = "crop_faces"
-
-    def process(self, clip):
-        return {"FACES": crop_faces(clip["FRAMES"], clip["FACE_BOXES"], clip["FACE_SCORES"])}
-
-
-class MelPieces(steps.Step):
-    name = "mel_pieces"
-
-    def process(self, clip):
-        return {"MEL_PIECES": mel_pieces(clip["AUDIO"])}
-
-
-class _TorchEncoder:
-    """fv2es.steps.Encoder with torch tensors in and out (the runner: torch_cuda.CudaRunner)."""
-
-    def __call__(self, clips):
-        logits = self.runner(self.network, self.network_inputs(clips))["logits"]
-        return [{self.output: row.float()} for row in logits]
-
-
-class VisualEncoder(_TorchEncoder, steps.VisualEncoder):
-    def network_inputs(self, clips):
-        faces, mask = pad_stack([c["FACES"] for c in clips])
-        return {"faces": faces, "frame_mask": mask}
-
-
-class AudioEncoder(_TorchEncoder, steps.AudioEncoder):
-    concat = staticmethod(torch.cat)
-    pad_stack = staticmethod(pad_stack)
-
-
-class TextEncoder(_TorchEncoder, steps.TextEncoder):
-    def network_inputs(self, clips):
-        ids, _ = pad_stack([c["INPUT_IDS"].long() for c in clips])
-        mask, _ = pad_stack([c["ATTENTION_MASK"].long() for c in clips])
-        return {"input_ids": ids, "attention_mask": mask}
-
-
-ENCODERS = {cls.name: cls for cls in (VisualEncoder, AudioEncoder, TextEncoder)}
-
-
 # --- building a step from its model folder ---------------------------------------------------
 
 CHECKPOINT_DIR = "checkpoint"           # our checkpoint (fv2es.checkpoint), in each encoder's folder
@@ -300,12 +175,10 @@ def build_step(params: dict[str, str], version_dir: Path, device: str, nvdec=Non
         return DecodeVideo(nvdec, host_slots_for(version_dir, int(params["host_decodes"])),
                            NVDEC_CODECS if on_gpu else CPU_CODECS)
     if name == "detect_faces":
-        return DetectFaces(mtcnn.load_saved_nets(version_dir, device))
-    if name == "crop_faces":
-        return CropFaces()
-    if name == "mel_pieces":
-        return MelPieces()
-    if name in ENCODERS:
+        return steps.DetectFaces(mtcnn.torch_runner(mtcnn.load_saved_nets(version_dir, device)), device)
+    if name in ("crop_faces", "mel_pieces"):
+        return steps.STEP_CLASSES[name]()
+    if name in steps.ENCODER_STEPS:
         if runner is None:
             from fv2es.checkpoint import load_checkpoint
             from fv2es.gpu.torch_cuda import CudaRunner
@@ -313,5 +186,5 @@ def build_step(params: dict[str, str], version_dir: Path, device: str, nvdec=Non
             networks = load_checkpoint(version_dir / CHECKPOINT_DIR).networks()
             runner = CudaRunner({network: networks[network] for network in steps.STEP_NETWORKS[name]}, device,
                                 precision=params["precision"], graphs=params["cuda_graphs"] == "yes")
-        return ENCODERS[name](runner)
+        return steps.STEP_CLASSES[name](runner)
     raise KeyError(f"the gpu profile has no GPU step {name!r}")
