@@ -7,7 +7,10 @@ REPO ?= model_repository
 CHECKPOINT ?=
 TEXT_BACKBONE ?=
 LABEL_SET ?=
-PRECISION ?= fp32
+ENCODERS ?= onnx
+GPU_ENCODERS ?= torch
+BUILD_OPTIONS = $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(TEXT_BACKBONE),--text-backbone $(TEXT_BACKBONE)) \
+	$(if $(LABEL_SET),--label-set $(LABEL_SET))
 GRPC_PORT ?= 8001
 HTTP_PORT ?= 8000
 METRICS_PORT ?= 8002
@@ -23,22 +26,19 @@ $(BIN)/.installed: pyproject.toml client/pyproject.toml
 	bash scripts/install_system_deps.sh
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e client -e '.[dev,asr,dali]'
-	$(BIN)/python -m fv2es.assets
+	$(BIN)/python -m fv2es.prefetch
 	touch $@
 
 setup: $(BIN)/.installed
 
 # The cpu profile of the model repository, from CHECKPOINT (default: untrained seeded weights);
-# PRECISION=int8 quantises the visual and audio encoders (ONNX Runtime dynamic quantisation).
+# ENCODERS=int8 quantises the visual and audio encoders (ONNX Runtime dynamic quantisation).
 repository: setup
-	$(BIN)/python -m builders.build_repository --profile cpu --output $(REPO) --precision $(PRECISION) \
-		$(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(TEXT_BACKBONE),--text-backbone $(TEXT_BACKBONE)) \
-		$(if $(LABEL_SET),--label-set $(LABEL_SET))
+	$(BIN)/python -m builders --profile cpu --encoders $(ENCODERS) --output $(REPO) $(BUILD_OPTIONS)
 
 # The gpu profile (NVIDIA hosts: DALI on NVDEC, torch-CUDA or TensorRT encoders); see README.
 repository-gpu: setup
-	$(BIN)/python -m builders.gpu_profile --output $(REPO) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
-		$(if $(LABEL_SET),--label-set $(LABEL_SET))
+	$(BIN)/python -m builders --profile gpu --encoders $(GPU_ENCODERS) --output $(REPO) $(BUILD_OPTIONS)
 
 serve: setup
 	test -f $(REPO)/fv2es/config.pbtxt || $(MAKE) repository

@@ -1,7 +1,5 @@
-"""Build the Triton model repository for a profile from a checkpoint (or the untrained default).
-
-    python -m builders.build_repository --profile cpu --output model_repository [--checkpoint PATH]
-                                        [--precision fp32|int8]
+"""The cpu profile of the Triton model repository, from a checkpoint (or the untrained default);
+`python -m builders --profile cpu` builds it.
 
 The cpu profile: every step is a python-backend model (fv2es.serving.python_model) and
 the networks are ONNX files run by ONNX Runtime beside it. Configs come from the tensor
@@ -10,11 +8,9 @@ With --precision int8 the visual and audio encoders' weights are quantised (quan
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -167,32 +163,3 @@ def write_manifest(output: Path, **facts) -> None:
     files = {str(p.relative_to(output)): hashlib.sha256(p.read_bytes()).hexdigest()
              for p in sorted(output.rglob("*")) if p.is_file() and p.name != "build.json"}
     (output / "build.json").write_text(json.dumps({**facts, "files": files}, indent=2, sort_keys=True) + "\n")
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=["cpu"], default="cpu")
-    parser.add_argument("--output", type=Path, default=Path("model_repository"))
-    parser.add_argument("--checkpoint", help="our checkpoint dir/file or the authors' state dict")
-    parser.add_argument("--label-set", choices=sorted(LABEL_SETS),
-                        help="the classes (untrained default model, or the authors' checkpoint)")
-    parser.add_argument("--text-backbone", help="the authors' checkpoint: folder with ALBERT-base-v2's "
-                        "config.json and tokenizer.json")
-    parser.add_argument("--asr-model", default="whisper-tiny.en", help="'none' to use request transcripts only")
-    parser.add_argument("--asr-compute-type", default="int8")
-    parser.add_argument("--onnx-threads", type=int, default=0, help="per ONNX Runtime session; 0 = all cores")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="int8: dynamic int8 quantisation of the visual and audio encoders")
-    args = parser.parse_args(argv)
-    try:
-        out = build_cpu(args.output, args.checkpoint, args.label_set, args.text_backbone, args.asr_model,
-                        args.asr_compute_type, args.onnx_threads, args.precision)
-    except (RuntimeError, ValueError, OSError) as exc:
-        print(f"build failed: {exc}", file=sys.stderr)
-        return 1
-    print(f"built the {args.profile} profile in {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

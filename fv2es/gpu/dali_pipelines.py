@@ -1,4 +1,5 @@
-"""DALI pipelines of the gpu profile, served by Triton's DALI backend as `model.dali` files.
+"""The DALI pipeline of the gpu profile, served by Triton's DALI backend as a `model.dali` file
+(builders.gpu_profile writes the model folder).
 
 decode_video_dali: MEDIA_U8 (uint8 [bytes]) + FRAME_INDICES (int32 [frames]) -> FRAMES
     (uint8 [frames, H, W, 3] RGB, longer side at most MAX_FRAME_SIDE, never enlarged).
@@ -21,13 +22,12 @@ nvidia.dali is imported only when a pipeline is made.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import NamedTuple
 
 import av
 import numpy as np
 from fv2es_client.contract import (
-    FRAME_INTERVAL_S, MAX_FRAME_SIDE, TENSORS, TRITON_DTYPES,
+    FRAME_INTERVAL_S, MAX_FRAME_SIDE, TENSORS,
 )
 
 from fv2es import media as host_media
@@ -88,50 +88,6 @@ def make_pipeline(model: str, *, gpu: bool = True, batch_size: int = 8, num_thre
                               num_threads=num_threads, device_id=device_id)
     raise KeyError(f"no DALI model {model!r}; known: {sorted(DALI_MODELS)}")
 
-
-def dali_model_config(model: str, *, gpu: bool = True, max_batch_size: int = 8,
-                      queue_delay_us: int = 2000, num_threads: int = 4) -> str:
-    """config.pbtxt text for a DALI model folder; inputs are ragged (each clip its own length)."""
-    from builders.triton_config import Enum, parameters, to_pbtxt
-
-    def entries(tensors, ragged):
-        return [{"name": name, "data_type": Enum(TRITON_DTYPES[dtype]), "dims": dims,
-                 **({"allow_ragged_batch": True} if ragged else {})}
-                for name, (dtype, dims) in tensors.items()]
-
-    io_spec = DALI_MODELS[model]
-    config = {
-        "name": model,
-        "backend": "dali",
-        "max_batch_size": max_batch_size,
-        "input": entries(io_spec["inputs"], ragged=True),
-        "output": entries(io_spec["outputs"], ragged=False),
-        # One instance: the DALI backend warns that more multiply its memory.
-        "instance_group": [{"count": 1, "kind": Enum("KIND_GPU" if gpu else "KIND_CPU")}],
-        "dynamic_batching": {"max_queue_delay_microseconds": queue_delay_us},
-        "parameters": parameters({"num_threads": num_threads}),
-    }
-    return to_pbtxt(config) + "\n"
-
-
-def write_dali_model(model: str, model_dir: str | Path, *, gpu: bool = True, max_batch_size: int = 8,
-                     queue_delay_us: int = 2000, num_threads: int = 4) -> Path:
-    """MODEL_DIR/config.pbtxt and MODEL_DIR/1/model.dali; returns the model.dali path.
-
-    The backend replaces the serialised batch size, thread count and device with its own.
-    """
-    model_dir = Path(model_dir)
-    (model_dir / "1").mkdir(parents=True, exist_ok=True)
-    pipe = make_pipeline(model, gpu=gpu, batch_size=max_batch_size, num_threads=num_threads)
-    path = model_dir / "1" / "model.dali"
-    pipe.serialize(filename=str(path))
-    (model_dir / "config.pbtxt").write_text(
-        dali_model_config(model, gpu=gpu, max_batch_size=max_batch_size,
-                          queue_delay_us=queue_delay_us, num_threads=num_threads))
-    return path
-
-
-# --- the python step in front of decode_video_dali ------------------------------------------
 
 class VideoProbe(NamedTuple):
     times: np.ndarray       # frame timestamps in presentation order, seconds from the start

@@ -174,7 +174,6 @@ class TritonServer:
                  metrics_port: int = 8002, address: str = "127.0.0.1", grpc_tls: GrpcTls | None = None,
                  admin_key: str | None = None, model_control_mode: str = "none", load_models=(),
                  log_file=None, log_verbose: int = 0, auto_complete_config: bool = False,
-                 shm_default_byte_size: int | None = None, shm_growth_byte_size: int | None = None,
                  extra_args=()):
         # The key goes into Triton's "<apis>:<header>=<key>" flag and into headers: a plain token
         # survives both intact.
@@ -194,8 +193,6 @@ class TritonServer:
         self.log_file = Path(log_file) if log_file else None
         self.log_verbose = log_verbose
         self.auto_complete_config = auto_complete_config
-        self.shm_default_byte_size = shm_default_byte_size
-        self.shm_growth_byte_size = shm_growth_byte_size
         self.extra_args = tuple(extra_args)
         # Python backend shared-memory regions are files /dev/shm/<prefix>*; a unique
         # prefix lets several servers share a machine and lets stop() remove leftovers.
@@ -241,10 +238,6 @@ class TritonServer:
             cmd += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
         if not self.auto_complete_config:
             cmd.append("--disable-auto-complete-config")
-        if self.shm_default_byte_size is not None:
-            cmd.append(f"--backend-config=python,shm-default-byte-size={self.shm_default_byte_size}")
-        if self.shm_growth_byte_size is not None:
-            cmd.append(f"--backend-config=python,shm-growth-byte-size={self.shm_growth_byte_size}")
         return cmd + list(self.extra_args)
 
     def start(self, timeout: float = 120.0) -> "TritonServer":
