@@ -23,6 +23,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks import clips
 from benchmarks.fuzzing import fuzz_sources, mutants, outcome
 from benchmarks.perf_suite import RESULTS, Monitor, build_profile, facts_markdown, machine_facts, markdown_table, \
@@ -108,6 +110,19 @@ def fuzz_soak(repository: Path, requests, concurrency: int, log_file: Path) -> d
     }
 
 
+def own_memory(pid: int) -> int:
+    """Bytes private to the server's processes (USS, summed): what shared memory does not explain."""
+    import psutil
+
+    root = psutil.Process(pid)
+    return sum(p.memory_full_info().uss for p in [root] + root.children(recursive=True))
+
+
+def shm_regions(prefix: str) -> int:
+    """Bytes of the python backend's shared-memory regions (they grow, and are never shrunk)."""
+    return sum(f.stat().st_size for f in Path("/dev/shm").glob(prefix + "*"))
+
+
 def peak_memory(repository: Path, folder: Path, log_file: Path) -> list[dict]:
     """The whole served graph's peak RSS for the longest inputs accepted, one at a time."""
     factory = clips._media_factory()
@@ -118,6 +133,9 @@ def peak_memory(repository: Path, folder: Path, log_file: Path) -> list[dict]:
          factory.make_clip(folder / "longest.wav", "wav", None, "pcm_s16le", 599.0, audio_rate=16_000,
                            audio_channels=1)),
     ]
+    refused = folder / "600mib.bin"     # over the 512 MiB limit: refused, after Triton took it in
+    refused.write_bytes(np.random.default_rng(0).bytes(600 * 2 ** 20))
+    longest.append(("600 MiB of random bytes (over the size limit)", refused))
     rows = []
     with serve(repository, log_file) as server:
         url, pid = server.grpc_url, server.process.pid
@@ -130,7 +148,8 @@ def peak_memory(repository: Path, folder: Path, log_file: Path) -> list[dict]:
                 [(_, got, message, _)] = run(url, [("good", path.read_bytes(), warm.transcript)], 1)
             rows.append({"input": name, "bytes": path.stat().st_size, "outcome": got, "message": message,
                          "seconds": time.perf_counter() - start, "rss_before": before,
-                         "rss_peak": monitor.peak, "rss_after": tree_rss(pid)})
+                         "rss_peak": monitor.peak, "rss_after": tree_rss(pid),
+                         "own_after": own_memory(pid), "shm_after": shm_regions(server.shm_prefix)})
     return rows
 
 
@@ -138,7 +157,8 @@ def report(result: dict, peaks: list[dict], facts: dict) -> str:
     outcome_rows = [[key, n] for key, n in result["outcomes"].items()]
     message_rows = [[m, n] for m, n in result["messages"]]
     peak_rows = [[r["input"], f"{r['bytes'] / MB:.1f}", r["outcome"], f"{r['seconds']:.0f}", f"{r['rss_before'] / MB:.0f}",
-                  f"{r['rss_peak'] / MB:.0f}", f"{r['rss_after'] / MB:.0f}"] for r in peaks]
+                  f"{r['rss_peak'] / MB:.0f}", f"{r['rss_after'] / MB:.0f}", f"{r['own_after'] / MB:.0f}",
+                  f"{r['shm_after'] / MB:.0f}"] for r in peaks]
     errors = "\n".join(f"- {e}" for e in result["errors"]) or "none"
     return f"""# Fuzz + soak: the served cpu profile under mutated, hostile and good files
 
@@ -165,10 +185,13 @@ quarter of the run it stayed between {result['rss_after_warmup_min'] / MB:.0f} a
 
 ## Peak memory at the longest inputs accepted
 
-Each sent alone (transcript in the request) to a freshly started server after one 3 s warm-up clip;
-RSS of the server's process tree sampled every 0.25 s.
+One after another (transcript in the request) to a freshly started server after one 3 s
+warm-up clip; RSS of the server's process tree summed, sampled every 0.25 s. Summed RSS counts
+shared memory once per process that maps it; after each input, the processes' private memory
+(USS, summed) and the python backend's shared-memory regions (/dev/shm), which hold the
+steps' tensors, grow to the largest request's and are never shrunk by Triton 2.51.
 
-{markdown_table(["input", "MB sent", "outcome", "s", "RSS before MB", "peak MB", "after MB"], peak_rows)}"""
+{markdown_table(["input", "MB sent", "outcome", "s", "RSS before MB", "peak MB", "after MB", "private after MB", "shm regions after MB"], peak_rows)}"""
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 from fv2es_client.contract import (
-    AUDIO_PIECES_PER_CALL, COMPUTE_STEPS, ENSEMBLE_OUTPUTS, ITEM_DIM, LABEL_SETS, MODALITIES, RESPOND_STEP, STEP_BY_NAME, TENSORS,
+    AUDIO_PIECES_PER_CALL, COMPUTE_STEPS, ENSEMBLE_OUTPUTS, ITEM_DIM, LABEL_SETS, MODALITIES, RESPOND_STEP, STEP_BY_NAME,
+    STEPS, TENSORS,
 )
 
 from fv2es import features, media
@@ -303,6 +304,17 @@ class Respond(Step):
 STEP_CLASSES = {cls.name: cls for cls in (
     DecodeVideo, DecodeAudio, DetectFaces, CropFaces, VisualEncoder, MelPieces, AudioEncoder,
     Transcribe, Tokenize, TextEncoder, Fusion, Respond)}
+
+def check_table(graph=STEPS) -> None:
+    """Every step of the contract's graph has its class here, and nothing else does."""
+    missing = [s.name for s in graph if s.name not in STEP_CLASSES]
+    extra = sorted(set(STEP_CLASSES) - {s.name for s in graph})
+    if missing or extra:
+        raise LookupError(f"fv2es.steps and the contract's STEPS disagree: no class for {missing}, "
+                          f"no contract step for {extra}")
+
+
+check_table()
 
 # The steps that run networks on batches of clips (the gpu profile puts them on the GPU).
 ENCODER_STEPS = tuple(name for name, cls in STEP_CLASSES.items() if issubclass(cls, Encoder))

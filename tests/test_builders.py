@@ -60,3 +60,15 @@ def test_the_library_never_imports_the_builders():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n == "builders" or n.startswith("builders.") for n in names), path
+
+
+def test_every_contract_step_has_one_implementation():
+    from fv2es_client.contract import STEPS, Step
+
+    from fv2es import steps
+
+    steps.check_table()     # the real graph: passes (it also runs at import)
+    with pytest.raises(LookupError, match=r"no class for \['denoise_audio'\]"):
+        steps.check_table(STEPS + (Step("denoise_audio", ("AUDIO",), ("AUDIO",)),))
+    with pytest.raises(LookupError, match=r"no contract step for \['respond'\]"):
+        steps.check_table(STEPS[:-1])
