@@ -9,6 +9,9 @@ and pad variable-length inputs into one network call (masks keep padding out).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 from fv2es_client.contract import (
     AUDIO_PIECES_PER_CALL, COMPUTE_STEPS, ENSEMBLE_OUTPUTS, ITEM_DIM, LABEL_SETS, MODALITIES, RESPOND_STEP, STEP_BY_NAME,
@@ -94,10 +97,29 @@ def guarded(step: "Step", clips: list[dict]) -> list[dict]:
     return results
 
 
+@dataclass
+class Resources:
+    """What steps are made from, besides their tensors: in-process (the predictor) or read
+    from a step's model folder (load_step). Each step class names the kinds it needs."""
+    device: str = "cpu"
+    mtcnn_run: object = None        # "mtcnn": fv2es.mtcnn RunNet
+    runner: Runner | None = None    # "networks": runs the step's STEP_NETWORKS
+    tokenizer: object = None        # "tokenizer"
+    transcriber: object = None      # "transcriber": fv2es.asr.Transcriber, or None
+    weights_id: str = ""            # "labels": what the response says about the weights
+    label_set: str = ""
+
+
 class Step:
     name: str = ""
     batching = False
     passes_errors_on = True     # a failure goes on as data (guarded); False: RESPOND raises it
+    needs: tuple[str, ...] = ()     # kinds of Resources the step is made from (LOADERS, the builders)
+    made_from: tuple[str, ...] = ()     # the Resources fields its constructor takes, in order
+
+    @classmethod
+    def create(cls, resources: Resources) -> "Step":
+        return cls(*(getattr(resources, name) for name in cls.made_from))
 
     @property
     def spec(self):
@@ -143,6 +165,7 @@ class DetectFaces(Step):
     CPU cache (measured on 2 cores: 4 frames per call beat 20 at once by ~25%).
     """
     name = "detect_faces"
+    needs, made_from = ("mtcnn",), ("mtcnn_run", "device")
 
     def __init__(self, run_net, device: str = "cpu", frames_per_call: int = 4):
         import torch
@@ -184,6 +207,7 @@ class Encoder(Step):
     batching = True
     network = ""
     output = ""
+    needs, made_from = ("networks",), ("runner",)
 
     def __init__(self, runner: Runner):
         self.runner = runner
@@ -237,6 +261,7 @@ class TextEncoder(Encoder):
 class Transcribe(Step):
     """Passes the request's transcript through, or recognises speech when it is empty."""
     name = "transcribe"
+    needs, made_from = ("transcriber",), ("transcriber",)
 
     def __init__(self, transcriber=None):
         self.transcriber = transcriber
@@ -252,6 +277,7 @@ class Transcribe(Step):
 
 class Tokenize(Step):
     name = "tokenize"
+    needs, made_from = ("tokenizer",), ("tokenizer",)
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -269,6 +295,8 @@ class Fusion(Step):
     """Weighted late fusion; an absent modality (no video/audio/words) is left out."""
     name = "fusion"
     batching = True
+
+    needs, made_from = ("networks", "labels"), ("runner", "weights_id", "label_set")
 
     def __init__(self, runner: Runner, weights_id: str, label_set: str):
         self.runner = runner
@@ -305,17 +333,6 @@ STEP_CLASSES = {cls.name: cls for cls in (
     DecodeVideo, DecodeAudio, DetectFaces, CropFaces, VisualEncoder, MelPieces, AudioEncoder,
     Transcribe, Tokenize, TextEncoder, Fusion, Respond)}
 
-def check_table(graph=STEPS) -> None:
-    """Every step of the contract's graph has its class here, and nothing else does."""
-    missing = [s.name for s in graph if s.name not in STEP_CLASSES]
-    extra = sorted(set(STEP_CLASSES) - {s.name for s in graph})
-    if missing or extra:
-        raise LookupError(f"fv2es.steps and the contract's STEPS disagree: no class for {missing}, "
-                          f"no contract step for {extra}")
-
-
-check_table()
-
 # The steps that run networks on batches of clips (the gpu profile puts them on the GPU).
 ENCODER_STEPS = tuple(name for name, cls in STEP_CLASSES.items() if issubclass(cls, Encoder))
 
@@ -329,20 +346,84 @@ STEP_NETWORKS = {
 }
 
 
-def make_step(name: str, runner: Runner | None = None, tokenizer=None, transcriber=None,
-              weights_id: str = "", label_set: str = "", mtcnn_run=None, device: str = "cpu") -> Step:
-    """Build one step with the resources it needs (the others are ignored).
+def make_step(name: str, **resources) -> Step:
+    """The step NAME made from RESOURCES (fields of Resources; those it does not need are ignored)."""
+    return STEP_CLASSES[name].create(Resources(**resources))
 
-    mtcnn_run: detect_faces' fv2es.mtcnn RunNet; device: where it detects."""
-    cls = STEP_CLASSES[name]
-    if name == "detect_faces":
-        return cls(mtcnn_run, device)
-    if name in ("visual_encoder", "audio_encoder", "text_encoder"):
-        return cls(runner)
-    if name == "fusion":
-        return cls(runner, weights_id, label_set)
-    if name == "tokenize":
-        return cls(tokenizer)
-    if name == "transcribe":
-        return cls(transcriber)
-    return cls()
+
+def load_step(params: dict[str, str], version_dir: Path, device: str = "cpu", runner: Runner | None = None,
+              classes: dict | None = None) -> Step:
+    """The step a model folder's config names, made from the files beside it (the python
+    models of both profiles). RUNNER: the caller's own (the gpu profile's TensorRT plans by
+    BLS); CLASSES: the profile's step classes by name (default STEP_CLASSES)."""
+    cls = (classes or STEP_CLASSES)[params["step"]]
+    resources = Resources(device=device, runner=runner)
+    for kind in cls.needs:
+        LOADERS[kind](resources, params, Path(version_dir), cls)
+    return cls.create(resources)
+
+
+def _load_mtcnn(resources, params, folder, cls):
+    from fv2es.mtcnn import load_saved_nets, torch_runner
+
+    resources.mtcnn_run = torch_runner(load_saved_nets(folder, resources.device))
+
+
+CHECKPOINT_DIR = "checkpoint"       # the gpu profile's torch encoders: our checkpoint, in the folder
+
+
+def _load_networks(resources, params, folder, cls):
+    if resources.runner is not None:
+        return
+    networks = STEP_NETWORKS[cls.name]
+    if all((folder / f"{net}.onnx").exists() for net in networks):
+        from fv2es.runners import OnnxRunner
+
+        resources.runner = OnnxRunner({net: folder / f"{net}.onnx" for net in networks},
+                                      threads=int(params.get("onnx_threads", "0")))
+        return
+    from fv2es.checkpoint import load_checkpoint
+    from fv2es.gpu.torch_cuda import CudaRunner
+
+    modules = load_checkpoint(folder / CHECKPOINT_DIR).networks()
+    resources.runner = CudaRunner({net: modules[net] for net in networks}, resources.device,
+                                  precision=params["precision"], graphs=params["cuda_graphs"] == "yes")
+
+
+def _load_tokenizer(resources, params, folder, cls):
+    from fv2es.model.text import load_tokenizer_file
+
+    resources.tokenizer = load_tokenizer_file(folder / "tokenizer.json")
+
+
+def _load_transcriber(resources, params, folder, cls):
+    if params.get("asr_model", "none") != "none":
+        from fv2es.asr import Transcriber
+
+        resources.transcriber = Transcriber(params["asr_model"], device=params.get("asr_device", "cpu"),
+                                            compute_type=params.get("asr_compute_type") or None)
+
+
+def _load_labels(resources, params, folder, cls):
+    resources.weights_id, resources.label_set = params.get("weights_id", ""), params.get("label_set", "")
+
+
+# How each kind of resource is read back from a step's folder (the builders write them).
+LOADERS = {"mtcnn": _load_mtcnn, "networks": _load_networks, "tokenizer": _load_tokenizer,
+           "transcriber": _load_transcriber, "labels": _load_labels}
+
+
+def check_table(graph=STEPS) -> None:
+    """Every step of the contract's graph has its class here, and nothing else does; every
+    kind of resource a class needs has its loader."""
+    missing = [s.name for s in graph if s.name not in STEP_CLASSES]
+    extra = sorted(set(STEP_CLASSES) - {s.name for s in graph})
+    if missing or extra:
+        raise LookupError(f"fv2es.steps and the contract's STEPS disagree: no class for {missing}, "
+                          f"no contract step for {extra}")
+    unknown = {cls.name: kind for cls in STEP_CLASSES.values() for kind in cls.needs if kind not in LOADERS}
+    if unknown:
+        raise LookupError(f"no loader for the resources {unknown}")
+
+
+check_table()

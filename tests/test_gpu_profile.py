@@ -149,7 +149,7 @@ def test_speech_recognition_runs_on_cuda(built):
 
 def test_torch_encoders_share_one_checkpoint_on_disk(built):
     repository = built("none-gpu-torch")
-    weights = [repository / n / "1" / gpu_steps.CHECKPOINT_DIR / "model.safetensors"
+    weights = [repository / n / "1" / steps.CHECKPOINT_DIR / "model.safetensors"
                for n in ("visual_encoder", "audio_encoder", "text_encoder")]
     assert len({w.stat().st_ino for w in weights}) == 1 and weights[0].stat().st_nlink == 3
 

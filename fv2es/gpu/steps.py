@@ -27,7 +27,7 @@ import torch
 from fv2es_client.contract import MAX_MEDIA_BYTES
 
 from fv2es import media as host_media
-from fv2es import mtcnn, steps
+from fv2es import steps
 from fv2es.gpu.dali_pipelines import (
     CPU_CODECS, FRAME_INDICES, MEDIA_U8, probe_video, require_dali, sample_indices,
 )
@@ -146,7 +146,6 @@ def _probe(media: bytes):
 
 # --- building a step from its model folder ---------------------------------------------------
 
-CHECKPOINT_DIR = "checkpoint"           # our checkpoint (fv2es.checkpoint), in each encoder's folder
 VIDEO_PIPELINE_FILE = "decode_video_dali.dali"
 
 
@@ -160,31 +159,19 @@ def host_slots_for(version_dir: Path, count: int) -> HostSlots:
 
 
 def build_step(params: dict[str, str], version_dir: Path, device: str, nvdec=None, runner=None) -> steps.Step:
-    """The gpu-profile step named by the config's parameters, with the files in its version folder.
+    """The gpu-profile step named by the config's parameters, with the files in its version folder:
+    the cpu profile's step classes on DEVICE (fv2es.steps.load_step), but for decode_video,
+    whose NVDEC back end is this profile's own.
 
     nvdec and runner come from the serving adapter where they are Triton calls (BLS to the
     DALI model, to TensorRT plans); otherwise they are made here.
     """
-    name = params["step"]
-    if name == "decode_video":
-        # On a CPU instance DALI decodes on host cores, which take fewer codecs than NVDEC.
-        on_gpu = torch.device(device).type == "cuda"
-        if nvdec is None:
-            device_id = (torch.device(device).index or 0) if on_gpu else None
-            nvdec = DaliVideoDecoder(version_dir / VIDEO_PIPELINE_FILE, device_id)
-        return DecodeVideo(nvdec, host_slots_for(version_dir, int(params["host_decodes"])),
-                           NVDEC_CODECS if on_gpu else CPU_CODECS)
-    if name == "detect_faces":
-        return steps.DetectFaces(mtcnn.torch_runner(mtcnn.load_saved_nets(version_dir, device)), device)
-    if name in ("crop_faces", "mel_pieces"):
-        return steps.STEP_CLASSES[name]()
-    if name in steps.ENCODER_STEPS:
-        if runner is None:
-            from fv2es.checkpoint import load_checkpoint
-            from fv2es.gpu.torch_cuda import CudaRunner
-
-            networks = load_checkpoint(version_dir / CHECKPOINT_DIR).networks()
-            runner = CudaRunner({network: networks[network] for network in steps.STEP_NETWORKS[name]}, device,
-                                precision=params["precision"], graphs=params["cuda_graphs"] == "yes")
-        return steps.STEP_CLASSES[name](runner)
-    raise KeyError(f"the gpu profile has no GPU step {name!r}")
+    if params["step"] != "decode_video":
+        return steps.load_step(params, version_dir, device, runner=runner)
+    # On a CPU instance DALI decodes on host cores, which take fewer codecs than NVDEC.
+    on_gpu = torch.device(device).type == "cuda"
+    if nvdec is None:
+        device_id = (torch.device(device).index or 0) if on_gpu else None
+        nvdec = DaliVideoDecoder(version_dir / VIDEO_PIPELINE_FILE, device_id)
+    return DecodeVideo(nvdec, host_slots_for(version_dir, int(params["host_decodes"])),
+                       NVDEC_CODECS if on_gpu else CPU_CODECS)

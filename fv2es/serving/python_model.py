@@ -20,34 +20,7 @@ import triton_python_backend_utils as pb_utils  # provided by the python backend
 from fv2es_client.contract import TENSORS
 
 from fv2es.media import MediaError
-from fv2es.steps import STEP_NETWORKS, guarded, make_step
-
-
-def build_served_step(params: dict[str, str], version_dir: Path):
-    """The step named by the config, with the resources found in its version folder."""
-    name = params["step"]
-    runner = tokenizer = transcriber = mtcnn_run = None
-    if name == "detect_faces":
-        from fv2es.mtcnn import load_saved_nets, torch_runner
-
-        mtcnn_run = torch_runner(load_saved_nets(version_dir))
-    if name in STEP_NETWORKS:
-        from fv2es.runners import OnnxRunner
-
-        runner = OnnxRunner({net: version_dir / f"{net}.onnx" for net in STEP_NETWORKS[name]},
-                            threads=int(params.get("onnx_threads", "0")))
-    if name == "tokenize":
-        from fv2es.model.text import load_tokenizer_file
-
-        tokenizer = load_tokenizer_file(version_dir / "tokenizer.json")
-    if name == "transcribe" and params.get("asr_model", "none") != "none":
-        from fv2es.asr import Transcriber
-
-        transcriber = Transcriber(params["asr_model"], device=params.get("asr_device", "cpu"),
-                                  compute_type=params.get("asr_compute_type") or None)
-    return make_step(name, runner=runner, tokenizer=tokenizer, transcriber=transcriber,
-                     weights_id=params.get("weights_id", ""), label_set=params.get("label_set", ""),
-                     mtcnn_run=mtcnn_run)
+from fv2es.steps import guarded, load_step
 
 
 def as_contract_dtype(name: str, value: np.ndarray) -> np.ndarray:
@@ -65,7 +38,7 @@ class TritonPythonModel:
 
     def build_step(self, params: dict[str, str], version_dir: Path, args: dict):
         """The step this model runs; the gpu profile's adapter overrides this."""
-        return build_served_step(params, version_dir)
+        return load_step(params, version_dir)
 
     def _clip(self, request) -> dict:
         # Every tensor carries Triton's batch axis of 1 per request: drop it. An optional
