@@ -13,6 +13,7 @@ i.e. ceil(video_duration / interval).
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +118,25 @@ def decode_video(media, interval: float = contract.FRAME_INTERVAL_S,
             declared = max(reader.end, video_end)
         return DecodedVideo(np.stack(sampler.images), np.array(sampler.times, np.float32), True,
                             declared)
+
+
+def scaled_size(width: int, height: int, max_side: int = contract.MAX_FRAME_SIDE) -> tuple[int, int]:
+    """(width, height) with the longer side at most MAX_SIDE, aspect kept, never enlarged;
+    halves round up (2560x1441 -> 1280x721), as the NVDEC path's DALI resize computes it."""
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, math.floor(width * scale + 0.5)), max(1, math.floor(height * scale + 0.5))
+
+
+def sample_indices(frame_times: np.ndarray, video_end: float,
+                   interval: float = contract.FRAME_INTERVAL_S) -> tuple[np.ndarray, np.ndarray]:
+    """The sampling rule (module docstring) on known frame timestamps, for decoders that pick
+    frames by index (NVDEC): (frame indices int32, instants float32), the frame on screen at
+    each instant k * interval before the video ends (the first frame before it starts).
+    decode_video applies the same rule while it decodes (_Sampler)."""
+    end = max(video_end, frame_times[-1] + _EPS)
+    instants = np.arange(int(np.ceil((end - _EPS) / interval))) * interval
+    indices = np.searchsorted(frame_times, instants + _EPS, side="right") - 1
+    return np.maximum(indices, 0).astype(np.int32), instants.astype(np.float32)
 
 
 def check_frame_size(width: int, height: int) -> None:
@@ -366,8 +386,7 @@ class _Sampler:
 
     def _convert(self, frame) -> np.ndarray:
         if self.size is None:
-            scale = min(1.0, self.max_side / max(frame.width, frame.height))
-            self.size = (max(1, round(frame.width * scale)), max(1, round(frame.height * scale)))
+            self.size = scaled_size(frame.width, frame.height, self.max_side)
         scaling = (frame.width, frame.height) != self.size
         # Unscaled, swscale takes a fast colour-only path, which naming a filter forgoes.
         rgb = frame.reformat(width=self.size[0], height=self.size[1], format="rgb24",

@@ -38,7 +38,7 @@ def dali_frames(media_bytes: list[bytes], **pipeline_args) -> tuple[list[np.ndar
     pipe = dp.video_pipeline("cpu", batch_size=len(media_bytes), num_threads=2, **pipeline_args)
     probes = [dp.probe_video(data) for data in media_bytes]
     assert all(probe.codec in dp.CPU_CODECS for probe in probes)
-    plans = [dp.sample_indices(probe.times, probe.end) for probe in probes]
+    plans = [media.sample_indices(probe.times, probe.end) for probe in probes]
     (frames,) = run(pipe, MEDIA_U8=[np.frombuffer(d, np.uint8) for d in media_bytes],
                     FRAME_INDICES=[indices for indices, _ in plans])
     return frames, [instants for _, instants in plans]
@@ -71,11 +71,11 @@ def test_video_longer_side_is_capped_not_enlarged(clips):
 
 def test_sample_indices_follow_the_frame_on_screen():
     times = np.array([0.0, 0.04, 0.3, 1.2, 1.25])
-    indices, instants = dp.sample_indices(times, video_end=1.3)
+    indices, instants = media.sample_indices(times, video_end=1.3)
     assert instants.tolist() == [0.0, 0.5, 1.0]
     assert indices.tolist() == [0, 2, 2]
     # A stream starting late shows its first frame until then.
-    assert dp.sample_indices(np.array([0.7, 0.8]), 0.9)[0].tolist() == [0, 0]
+    assert media.sample_indices(np.array([0.7, 0.8]), 0.9)[0].tolist() == [0, 0]
 
 
 def test_probe_video_names_the_codec_or_finds_no_video(tmp_path):

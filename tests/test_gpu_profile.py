@@ -197,7 +197,8 @@ def assert_frames_close(got: np.ndarray, want: np.ndarray):
 
 @needs_dali
 def test_dali_model_runs_on_cpu_like_the_cpu_profile(built, vp9_clip):
-    from fv2es.gpu.dali_pipelines import probe_video, sample_indices
+    from fv2es.gpu.dali_pipelines import probe_video
+    from fv2es.media import sample_indices
 
     repository = built("backend-cpu-torch")
     data = vp9_clip.read_bytes()

@@ -368,3 +368,12 @@ def test_fuzzed_files_raise_only_media_errors(tmp_path):
                 decode(media)
             except MediaError:
                 pass
+
+
+def test_scaled_size_rounds_halves_up_as_the_nvdec_path_does():
+    from fv2es.media import scaled_size
+
+    # DALI's resize on the NVDEC path computes floor(side * scale + 0.5).
+    assert scaled_size(2560, 1441) == (1280, 721)
+    assert scaled_size(1920, 1080) == (1280, 720) and scaled_size(640, 360) == (640, 360)
+    assert scaled_size(100, 20000, max_side=1280) == (6, 1280) and scaled_size(1, 9000) == (1, 1280)

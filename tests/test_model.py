@@ -198,3 +198,11 @@ def test_tokenizer_path_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "3"
+
+
+def test_encoding_never_changes_the_tokenizer():
+    tokenizer = load_tokenizer(ModelConfig())
+    before = tokenizer.truncation
+    assert before["max_length"] == MAX_TOKENS    # set once, when it is loaded
+    assert len(encode(tokenizer, "word " * 300, max_tokens=10)[0]) == 10
+    assert tokenizer.truncation == before and len(encode(tokenizer, "word " * 300)[0]) == MAX_TOKENS

@@ -14,7 +14,7 @@ backend does not take (numeric tensors only), and DALI's video decoder picks fra
 index, not by time. So the gpu profile's decode_video is a python step in front of the
 DALI model: it views MEDIA's bytes as a uint8 array (np.frombuffer, no copy), demuxes the
 container without decoding (`probe_video`, milliseconds) for the frame timestamps, picks
-the frames with the cpu profile's sampling rule (`sample_indices`), and calls
+the frames with the cpu profile's sampling rule (`fv2es.media.sample_indices`), and calls
 decode_video_dali with MEDIA_U8 and FRAME_INDICES (a BLS call, so a file without a video
 stream skips DALI). It answers FRAME_TIMES, VIDEO_PRESENT and DURATION itself.
 
@@ -26,9 +26,7 @@ from typing import NamedTuple
 
 import av
 import numpy as np
-from fv2es_client.contract import (
-    FRAME_INTERVAL_S, MAX_FRAME_SIDE, TENSORS,
-)
+from fv2es_client.contract import MAX_FRAME_SIDE, TENSORS
 
 from fv2es import media as host_media
 
@@ -37,8 +35,6 @@ FRAME_INDICES = "FRAME_INDICES"
 # What DALI 2.4 decodes on host cores (FFmpeg codec names); anything else fails there with
 # "Failed to create video decoder" and leaves the pipeline unusable, so route it to PyAV.
 CPU_CODECS = frozenset({"mjpeg", "vp8", "vp9"})
-# A frame this close after an instant counts as shown at it (as in fv2es.media).
-_EPS = 1e-6
 
 # Each DALI model's I/O as (numpy dtype, Triton dims without the batch axis); outputs in the
 # pipeline's output order, which is how the DALI backend matches them to the config.
@@ -133,13 +129,3 @@ def probe_video(media: bytes) -> VideoProbe | None:
         host_media.check_length(declared, host_media.MAX_VIDEO_S, "video")
         return VideoProbe(np.array([t for t, _ in times]), last + last_duration, declared,
                           stream.codec_context.name)
-
-
-def sample_indices(frame_times: np.ndarray, video_end: float,
-                   interval: float = FRAME_INTERVAL_S) -> tuple[np.ndarray, np.ndarray]:
-    """(frame indices int32, instants float32): fv2es.media's rule, the frame on screen at
-    each instant k * interval before the video ends (the first frame before it starts)."""
-    end = max(video_end, frame_times[-1] + _EPS)
-    instants = np.arange(int(np.ceil((end - _EPS) / interval))) * interval
-    indices = np.searchsorted(frame_times, instants + _EPS, side="right") - 1
-    return np.maximum(indices, 0).astype(np.int32), instants.astype(np.float32)

@@ -29,8 +29,9 @@ from fv2es_client.contract import MAX_MEDIA_BYTES
 from fv2es import media as host_media
 from fv2es import steps
 from fv2es.gpu.dali_pipelines import (
-    CPU_CODECS, FRAME_INDICES, MEDIA_U8, probe_video, require_dali, sample_indices,
+    CPU_CODECS, FRAME_INDICES, MEDIA_U8, probe_video, require_dali,
 )
+from fv2es.media import sample_indices
 
 log = logging.getLogger(__name__)
 

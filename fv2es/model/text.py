@@ -38,6 +38,7 @@ def tokenizer_file(config) -> Path:
 def load_tokenizer_file(path: str | Path) -> Tokenizer:
     tokenizer = Tokenizer.from_file(str(path))
     tokenizer.no_padding()  # clips are padded when batched, not here
+    tokenizer.enable_truncation(MAX_TOKENS)  # set once here: encode never changes it
     return tokenizer
 
 
@@ -46,9 +47,12 @@ def load_tokenizer(config) -> Tokenizer:
 
 
 def encode(tokenizer: Tokenizer, text: str, max_tokens: int = MAX_TOKENS) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and attention mask (int64[T], CLS and SEP included, T <= max_tokens)."""
+    """Token ids and attention mask (int64[T], CLS and SEP included, T <= max_tokens).
+
+    TOKENIZER is not changed: another length than its own truncation is encoded by a copy."""
     truncation = tokenizer.truncation
     if truncation is None or truncation["max_length"] != max_tokens:
+        tokenizer = Tokenizer.from_str(tokenizer.to_str())
         tokenizer.enable_truncation(max_tokens)  # counts the special tokens too
     encoding = tokenizer.encode(text)
     return (np.asarray(encoding.ids, dtype=np.int64),
