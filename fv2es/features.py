@@ -6,6 +6,8 @@ array it answers a numpy array, given a tensor a tensor on the same device.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from fv2es_client import contract
@@ -60,6 +62,13 @@ def mel_spectrogram(audio):
     return _like(audio, _mel(torch.as_tensor(audio)))
 
 
+@functools.lru_cache(maxsize=4)
+def _mel_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The periodic Hann window and the filterbank on DEVICE, made once (not per clip)."""
+    window = torch.hann_window(N_FFT, periodic=True, dtype=torch.float64, device=device)
+    return window, torch.from_numpy(_FILTERBANK).to(device)
+
+
 def _mel(audio: torch.Tensor) -> torch.Tensor:
     audio = audio.reshape(-1).double()
     half = N_FFT // 2
@@ -67,8 +76,7 @@ def _mel(audio: torch.Tensor) -> torch.Tensor:
         audio = torch.nn.functional.pad(audio, (0, half + 1 - audio.numel()))
     padded = torch.nn.functional.pad(audio[None], (half, half), mode="reflect")[0]
     frames = padded.unfold(0, N_FFT, HOP)        # a view: no copy
-    window = torch.hann_window(N_FFT, periodic=True, dtype=torch.float64, device=audio.device)
-    filterbank = torch.from_numpy(_FILTERBANK).to(audio.device)
+    window, filterbank = _mel_constants(audio.device)
     mel = torch.empty((frames.shape[0], contract.N_MELS), dtype=torch.float32, device=audio.device)
     for start in range(0, frames.shape[0], _STFT_BLOCK):    # blocks bound the memory on long audio
         spectrum = torch.fft.rfft(frames[start:start + _STFT_BLOCK] * window, dim=1)

@@ -229,7 +229,7 @@ class VisualEncoder(Encoder):
 
 
 class AudioEncoder(Encoder):
-    """The NesT on at most PIECES_PER_CALL pieces at a time (of all the batch's clips
+    """The NesT on at most AUDIO_PIECES_PER_CALL pieces at a time (of all the batch's clips
     together), then the transformer over each clip's items: memory is bounded by the chunk,
     not by the clips' lengths, and the result is the whole network's (pieces are embedded
     independently; padding pieces are never embedded)."""
@@ -351,12 +351,10 @@ def make_step(name: str, **resources) -> Step:
     return STEP_CLASSES[name].create(Resources(**resources))
 
 
-def load_step(params: dict[str, str], version_dir: Path, device: str = "cpu", runner: Runner | None = None,
-              classes: dict | None = None) -> Step:
+def load_step(params: dict[str, str], version_dir: Path, device: str = "cpu", runner: Runner | None = None) -> Step:
     """The step a model folder's config names, made from the files beside it (the python
-    models of both profiles). RUNNER: the caller's own (the gpu profile's TensorRT plans by
-    BLS); CLASSES: the profile's step classes by name (default STEP_CLASSES)."""
-    cls = (classes or STEP_CLASSES)[params["step"]]
+    models of both profiles). RUNNER: the caller's own (the gpu profile's TensorRT plans by BLS)."""
+    cls = STEP_CLASSES[params["step"]]
     resources = Resources(device=device, runner=runner)
     for kind in cls.needs:
         LOADERS[kind](resources, params, Path(version_dir), cls)
