@@ -7,10 +7,13 @@ REPO ?= model_repository
 CHECKPOINT ?=
 TEXT_BACKBONE ?=
 LABEL_SET ?=
+TRANS_HEADS ?=
+PREPROCESSING ?=
 ENCODERS ?= onnx
 GPU_ENCODERS ?= torch
 BUILD_OPTIONS = $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(TEXT_BACKBONE),--text-backbone $(TEXT_BACKBONE)) \
-	$(if $(LABEL_SET),--label-set $(LABEL_SET))
+	$(if $(LABEL_SET),--label-set $(LABEL_SET)) $(if $(TRANS_HEADS),--trans-heads $(TRANS_HEADS)) \
+	$(if $(PREPROCESSING),--preprocessing $(PREPROCESSING))
 GRPC_PORT ?= 8001
 HTTP_PORT ?= 8000
 METRICS_PORT ?= 8002

@@ -1,6 +1,7 @@
 """Build the Triton model repository: one entry for every profile and encoder format.
 
-    python -m builders --profile cpu --encoders onnx     [--checkpoint PATH --text-backbone DIR --label-set NAME]
+    python -m builders --profile cpu --encoders onnx     [--checkpoint PATH --text-backbone DIR --label-set NAME
+                                                          --trans-heads N --preprocessing PRESET]
     python -m builders --profile cpu --encoders int8
     python -m builders --profile gpu --encoders torch     (builds on any host; serves on an NVIDIA GPU)
     python -m builders --profile gpu --encoders tensorrt  [--plan-dir DIR]   (where TensorRT is installed)
@@ -19,32 +20,32 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fv2es_client.contract import LABEL_SETS
+from fv2es.checkpoint import ModelSource
 
 
 def _cpu(args, encoders: str) -> Path:
     from builders.build_repository import build_cpu
 
-    return build_cpu(args.output, args.checkpoint, args.label_set, args.text_backbone, args.asr_model,
+    return build_cpu(args.output, ModelSource.from_args(args), args.asr_model,
                      precision="int8" if encoders == "int8" else "fp32")
 
 
 def _gpu(args, encoders: str) -> Path:
     from builders.gpu_profile import build_gpu
 
-    options = dict(encoders=encoders, dali=args.dali, device=args.device, text_backbone=args.text_backbone,
-                   asr_model=args.asr_model)
+    source = ModelSource.from_args(args)
+    options = dict(encoders=encoders, dali=args.dali, device=args.device, asr_model=args.asr_model)
     if encoders != "tensorrt" or args.plan_dir:
-        return build_gpu(args.output, args.checkpoint, args.label_set, plan_dir=args.plan_dir, **options)
+        return build_gpu(args.output, source, plan_dir=args.plan_dir, **options)
     from builders import tensorrt
     from builders.build_repository import export_networks, load_model
 
     tensorrt.require_tensorrt()     # a clear error before exporting anything
     plan_dir = args.output.with_name(args.output.name + ".plans")
     with tempfile.TemporaryDirectory() as onnx_dir:
-        export_networks(load_model(args.checkpoint, args.label_set, args.text_backbone), Path(onnx_dir))
+        export_networks(load_model(source), Path(onnx_dir))
         tensorrt.build_all(onnx_dir, plan_dir, networks=tensorrt.SERVED_NETWORKS)
-    return build_gpu(args.output, args.checkpoint, args.label_set, plan_dir=plan_dir, **options)
+    return build_gpu(args.output, source, plan_dir=plan_dir, **options)
 
 
 # profile -> (its encoder formats, the function that builds it)
@@ -58,11 +59,7 @@ def main(argv=None) -> int:
     parser.add_argument("--encoders", choices=[f for formats, _ in PROFILES.values() for f in formats],
                         help="default: the profile's first format (cpu: onnx, gpu: torch)")
     parser.add_argument("--output", type=Path, default=Path("model_repository"))
-    parser.add_argument("--checkpoint", help="our checkpoint dir/file or the authors' state dict")
-    parser.add_argument("--text-backbone", help="the authors' checkpoint: folder with ALBERT-base-v2's "
-                        "config.json and tokenizer.json")
-    parser.add_argument("--label-set", choices=sorted(LABEL_SETS),
-                        help="the classes (untrained default model, or the authors' checkpoint)")
+    ModelSource.add_arguments(parser)
     parser.add_argument("--asr-model", default="whisper-tiny.en", help="'none' to use request transcripts only")
     gpu = parser.add_argument_group("gpu profile")
     gpu.add_argument("--plan-dir", type=Path, help="with --encoders tensorrt: plans already built (builders.tensorrt)")

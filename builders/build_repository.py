@@ -55,14 +55,11 @@ WARMUPS = {
 }
 
 
-def load_model(checkpoint: str | None, label_set: str | None, text_backbone: str | None = None):
-    from fv2es.checkpoint import default_model, load_checkpoint
-    from fv2es.model.fv2es import ModelConfig
+def load_model(source=None):
+    """The model to serve from a fv2es.checkpoint.ModelSource (None: the untrained default)."""
+    from fv2es.checkpoint import ModelSource
 
-    if checkpoint:
-        model = load_checkpoint(checkpoint, text_backbone, label_set)
-    else:
-        model = default_model(ModelConfig(label_set=label_set) if label_set else None)
+    model = (source or ModelSource()).load()
     model.eval()
     model.fuse_repvgg()  # single 3x3 convs: same predictions, faster (the paper's claim 2)
     return model
@@ -103,8 +100,7 @@ def quantize_encoders(onnx_files: dict[str, Path]) -> None:
         quantized.replace(source)
 
 
-def build_cpu(output: Path, checkpoint: str | None = None, label_set: str | None = None,
-              text_backbone: str | None = None,
+def build_cpu(output: Path, source=None,
               asr_model: str = "whisper-tiny.en", asr_compute_type: str = "int8",
               onnx_threads: int = 0, precision: str = "fp32") -> Path:
     if precision not in PRECISIONS:
@@ -113,7 +109,7 @@ def build_cpu(output: Path, checkpoint: str | None = None, label_set: str | None
         from fv2es.asr import Transcriber
 
         Transcriber(asr_model, compute_type=asr_compute_type)   # a clear build error now, not at serve time
-    model = load_model(checkpoint, label_set, text_backbone)
+    model = load_model(source)
     label_set = model.config.label_set
     clear_output(output)
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,7 +131,7 @@ def build_cpu(output: Path, checkpoint: str | None = None, label_set: str | None
     (ensemble_dir / "1").mkdir(parents=True)
     (ensemble_dir / LABELS_FILE).write_text("\n".join(LABEL_SETS[label_set]) + "\n")
     (ensemble_dir / "config.pbtxt").write_text(ensemble_config(LABELS_FILE))
-    write_manifest(output, profile="cpu", precision=precision, weights_id=model.weights_id, label_set=label_set)
+    write_manifest(output, model, profile="cpu", precision=precision)
     return output
 
 
@@ -173,13 +169,19 @@ def _write_transcriber(cls, folder: Path, build: Build) -> dict:
 
 
 def _write_labels(cls, folder: Path, build: Build) -> dict:
-    return {"weights_id": build.model.weights_id, "label_set": build.model.config.label_set}
+    from fv2es.checkpoint import served_identity
+
+    return {"weights_id": served_identity(build.model), "label_set": build.model.config.label_set}
+
+
+def _write_preprocessing(cls, folder: Path, build: Build) -> dict:
+    return build.model.preprocessing.to_dict()
 
 
 # How each kind of resource a step needs (fv2es.steps.Step.needs) goes into its folder;
 # fv2es.steps.LOADERS reads it back.
 WRITERS = {"mtcnn": _write_mtcnn, "networks": _write_networks, "tokenizer": _write_tokenizer,
-           "transcriber": _write_transcriber, "labels": _write_labels}
+           "transcriber": _write_transcriber, "labels": _write_labels, "preprocessing": _write_preprocessing}
 
 
 def write_resources(cls, folder: Path, build: Build, writers=WRITERS) -> dict[str, str]:
@@ -198,8 +200,13 @@ def clear_output(output: Path) -> None:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
-def write_manifest(output: Path, **facts) -> None:
+def write_manifest(output: Path, model, **facts) -> None:
     """build.json: what was built from what, with every file's sha256 (no timestamps)."""
+    from fv2es.checkpoint import served_identity
+
     files = {str(p.relative_to(output)): hashlib.sha256(p.read_bytes()).hexdigest()
              for p in sorted(output.rglob("*")) if p.is_file() and p.name != "build.json"}
-    (output / "build.json").write_text(json.dumps({**facts, "files": files}, indent=2, sort_keys=True) + "\n")
+    facts = {**facts, "weights_id": model.weights_id, "label_set": model.config.label_set,
+             "served_identity": served_identity(model),
+             "preprocessing": model.preprocessing.to_dict(), "files": files}
+    (output / "build.json").write_text(json.dumps(facts, indent=2, sort_keys=True) + "\n")

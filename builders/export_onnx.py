@@ -35,10 +35,14 @@ def _axis_size(axis, sizes: dict) -> int:
     return DUMMY_AXIS_SIZES[axis]
 
 
+# Token ids every text backbone has, small test vocabularies included (ALBERT's has 30000).
+DUMMY_TOKEN_IDS = 32
+
+
 def dummy_inputs(name: str, batch: int = 2, seed: int = 0, **axis_sizes: int) -> tuple[torch.Tensor, ...]:
     """Inputs for network NAME in declaration order; named axes take AXIS_SIZES or small
     defaults. Masks (names ending in "mask") are True/1 on a prefix that shortens along the
-    batch, so padding is exercised; int64 ids are random in [0, 1000)."""
+    batch, so padding is exercised; int64 ids are random in [0, DUMMY_TOKEN_IDS)."""
     sizes = {**axis_sizes, "batch": batch}
     generator = torch.Generator().manual_seed(seed)
     tensors = []
@@ -50,7 +54,7 @@ def dummy_inputs(name: str, batch: int = 2, seed: int = 0, **axis_sizes: int) ->
         elif dtype == "float32":
             tensor = torch.randn(shape, generator=generator)
         elif dtype == "int64":
-            tensor = torch.randint(0, 1000, shape, generator=generator)
+            tensor = torch.randint(0, DUMMY_TOKEN_IDS, shape, generator=generator)
         else:
             raise ValueError(f"no dummy generator for {input_name} ({dtype})")
         tensors.append(tensor)

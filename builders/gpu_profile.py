@@ -60,8 +60,7 @@ def plan_model_name(network: str) -> str:
     return f"{network}_plan"
 
 
-def build_gpu(output: Path, checkpoint: str | None = None, label_set: str | None = None, *,
-              text_backbone: str | None = None, encoders: str = "torch", dali: str = "backend", device: str = "gpu",
+def build_gpu(output: Path, source=None, *, encoders: str = "torch", dali: str = "backend", device: str = "gpu",
               host_decodes: int = 8, nvdec_clips: int = 16, precision: str = "bf16",
               cuda_graphs: bool = True, plan_dir: str | Path | None = None, plan_precision: str = "fp16",
               asr_model: str = "whisper-tiny.en", asr_device: str = "cuda", asr_compute_type: str = "float16") -> Path:
@@ -82,13 +81,13 @@ def build_gpu(output: Path, checkpoint: str | None = None, label_set: str | None
         from fv2es.asr import Transcriber
 
         Transcriber(asr_model)      # a clear build error now (loaded on CPU here)
-    model = load_model(checkpoint, label_set, text_backbone)
+    model = load_model(source)
     label_set = model.config.label_set
     clear_output(output)
     kind = "KIND_GPU" if device == "gpu" else "KIND_CPU"
 
     _write_host_steps(output, model, asr_model, asr_device, asr_compute_type)
-    _write_video(output, dali, kind, host_decodes, nvdec_clips)
+    _write_video(output, model, dali, kind, host_decodes, nvdec_clips)
     _folder(output, "mel_pieces", GPU_MODEL_PY)
     _config(output, "mel_pieces", 1, GPU_PARAMS, kind)
     for name, instances in GPU_INSTANCES.items():
@@ -104,8 +103,7 @@ def build_gpu(output: Path, checkpoint: str | None = None, label_set: str | None
     (ensemble_dir / "1").mkdir(parents=True)
     (ensemble_dir / LABELS_FILE).write_text("\n".join(LABEL_SETS[label_set]) + "\n")
     (ensemble_dir / "config.pbtxt").write_text(ensemble_config(LABELS_FILE))
-    write_manifest(output, profile="gpu", weights_id=model.weights_id, label_set=label_set, encoders=encoders,
-                   dali=dali, device=device, precision=precision, cuda_graphs=cuda_graphs)
+    write_manifest(output, model, profile="gpu", encoders=encoders, dali=dali, device=device, precision=precision, cuda_graphs=cuda_graphs)
     return output
 
 
@@ -138,15 +136,17 @@ def _write_host_steps(output: Path, model, asr_model: str, asr_device: str, asr_
             _config(output, name, instances, params, "KIND_CPU")
 
 
-def _write_video(output: Path, dali: str, kind: str, host_decodes: int, nvdec_clips: int) -> None:
+def _write_video(output: Path, model, dali: str, kind: str, host_decodes: int, nvdec_clips: int) -> None:
     if dali == "none":
-        _folder(output, "decode_video", MODEL_PY)
-        _config(output, "decode_video", host_decodes, {}, "KIND_CPU")
+        version_dir = _folder(output, "decode_video", MODEL_PY)
+        _config(output, "decode_video", host_decodes,
+                write_resources(STEP_CLASSES["decode_video"], version_dir, Build(model)), "KIND_CPU")
         return
     from fv2es.gpu.steps import VIDEO_PIPELINE_FILE
 
     version_dir = _folder(output, "decode_video", GPU_MODEL_PY)
-    params = {**GPU_PARAMS, "host_decodes": host_decodes}
+    params = {**GPU_PARAMS, "host_decodes": host_decodes,
+              **write_resources(STEP_CLASSES["decode_video"], version_dir, Build(model))}
     gpu = kind == "KIND_GPU"
     if dali == "backend":
         write_dali_model(VIDEO_DALI_MODEL, output / VIDEO_DALI_MODEL, gpu=gpu,

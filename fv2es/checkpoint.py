@@ -2,12 +2,16 @@
 
 Our checkpoint is a directory:
     model.safetensors     the state dict (keys as the authors', see fv2es.model.fv2es)
-    config.json           {"format": 1, "model": ModelConfig fields, "weights_id": ...}
+    config.json           {"format": 1, "model": ModelConfig fields, "weights_id": ...,
+                           "preprocessing": fv2es.preprocessing.Preprocessing fields}
     text_backbone/        the text backbone's config.json and tokenizer.json, so the
                           checkpoint rebuilds and tokenizes without the original files
 No pickle anywhere: the authors' .pt/.pth files are read with torch.load(weights_only=True).
 
-Every model carries `weights_id`, shown by every prediction.
+Every model carries `weights_id` and `preprocessing`; `served_identity` is what every
+prediction shows. The authors' files record neither their attention heads (no tensor has
+their count in its shape) nor their preprocessing: they load with AUTHORS_TRANS_HEADS and
+the "authors" preprocessing preset unless told otherwise (ModelSource).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import hashlib
 import json
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from fv2es.model import ModelConfig
 from fv2es.model.fv2es import FV2ES
 from fv2es.model.text import backbone_dir
+from fv2es.preprocessing import PRESETS, Preprocessing, parse
 
 FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -40,6 +46,9 @@ AUTHOR_KEYS_DROPPED = (
 )
 # The text backbone, from the prefix of the T module's keys.
 TEXT_PREFIXES = {"T.albert.": "albert", "T.bert.": "minilm"}
+# The authors' published training script for their best model sets 4 heads (their V2EM
+# CLI's default is 8): 8-head weights loaded with 4 move the audio logits by ~0.03.
+AUTHORS_TRANS_HEADS = 4
 
 
 class CheckpointError(ValueError):
@@ -71,31 +80,34 @@ def save_checkpoint(model: FV2ES, path: str | Path) -> Path:
         shutil.copyfile(source / name, path / BACKBONE_DIR / name)
     # The backbone path is this checkpoint's own copy, resolved at load time.
     config = {**model.config.to_dict(), "text_backbone_path": None}
-    document = {"format": FORMAT, "model": config, "weights_id": model.weights_id}
+    document = {"format": FORMAT, "model": config, "weights_id": model.weights_id,
+                "preprocessing": model.preprocessing.to_dict()}
     (path / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
     return path
 
 
 def load_checkpoint(path: str | Path, text_backbone_path: str | Path | None = None,
-                    label_set: str | None = None) -> FV2ES:
+                    label_set: str | None = None, trans_heads: int | None = None) -> FV2ES:
     """Our checkpoint directory (or its model.safetensors), or the authors' state dict
     (.pt/.pth/.bin via torch.load(weights_only=True), or .safetensors), in eval mode.
 
     For the authors' files only: `text_backbone_path` is the directory with ALBERT-base-v2's
     config.json and tokenizer.json (their text encoder is ALBERT; its weights come from the
-    checkpoint), `label_set` names the classes when the class count alone cannot tell.
+    checkpoint), `label_set` names the classes when the class count alone cannot tell, and
+    `trans_heads` the attention heads they were trained with (default AUTHORS_TRANS_HEADS).
+    Our checkpoints record their heads: a `trans_heads` that disagrees is an error.
     """
     path = Path(path)
     if path.is_file() and path.name == WEIGHTS_FILE and (path.parent / CONFIG_FILE).is_file():
         path = path.parent
     if path.is_dir():
-        return _load_ours(path)
+        return _load_ours(path, trans_heads)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return load_state_dict_file(path, text_backbone_path, label_set)
+    return load_state_dict_file(path, text_backbone_path, label_set, trans_heads)
 
 
-def _load_ours(path: Path) -> FV2ES:
+def _load_ours(path: Path, trans_heads: int | None = None) -> FV2ES:
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
             raise CheckpointError(f"{path} is not an FV2ES checkpoint: {name} is missing")
@@ -103,8 +115,13 @@ def _load_ours(path: Path) -> FV2ES:
     if document.get("format") != FORMAT:
         raise CheckpointError(f"{path / CONFIG_FILE}: unsupported checkpoint format {document.get('format')!r}")
     config = ModelConfig.from_dict({**document["model"], "text_backbone_path": str(path / BACKBONE_DIR)})
+    if trans_heads and trans_heads != config.trans_heads:
+        raise CheckpointError(f"{path / CONFIG_FILE} records trans_heads={config.trans_heads}, "
+                              f"not the {trans_heads} asked for")
     model = FV2ES(config, pretrained_text=False)
     _load_state(model, load_file(path / WEIGHTS_FILE), str(path / WEIGHTS_FILE))
+    # Checkpoints written before the preprocessing was recorded were made with our defaults.
+    model.preprocessing = Preprocessing.from_dict(document.get("preprocessing", {}))
     saved_id = document.get("weights_id", "")
     # A saved untrained model stays labelled untrained.
     model.weights_id = saved_id if saved_id.startswith("UNTRAINED") else _identity(path.name, path / WEIGHTS_FILE)
@@ -112,8 +129,9 @@ def _load_ours(path: Path) -> FV2ES:
 
 
 def load_state_dict_file(path: str | Path, text_backbone_path: str | Path | None = None,
-                         label_set: str | None = None) -> FV2ES:
-    """A bare state dict in the authors' key layout, multi-branch or already fused."""
+                         label_set: str | None = None, trans_heads: int | None = None) -> FV2ES:
+    """A bare state dict in the authors' key layout, multi-branch or already fused; the
+    transformers' width and depth come from the tensors, their heads from `trans_heads`."""
     path = Path(path)
     state = _read_tensors(path)
     state = {k: v for k, v in state.items() if not k.startswith(AUTHOR_KEYS_DROPPED)}
@@ -131,11 +149,25 @@ def load_state_dict_file(path: str | Path, text_backbone_path: str | Path | None
         label_set=label_set or _infer_label_set(state, path),
         text_backbone=backbone,
         text_backbone_path=str(text_backbone_path) if text_backbone_path else None,
-        fused=any(".rbr_reparam." in k for k in state if k.startswith("V.")))
+        fused=any(".rbr_reparam." in k for k in state if k.startswith("V.")),
+        **_transformer_shape(state, path, trans_heads or AUTHORS_TRANS_HEADS))
     model = FV2ES(config, pretrained_text=False)
     _load_state(model, state, str(path))
     model.weights_id = _identity(path.name, path)
+    model.preprocessing = PRESETS["authors"]
     return model.eval()
+
+
+def _transformer_shape(state: dict[str, torch.Tensor], path: Path, heads: int) -> dict[str, int]:
+    """trans_dim and trans_layers as the tensors show them, with the given heads."""
+    if "v_out.weight" not in state:
+        raise CheckpointError(f"{path}: v_out.weight is missing, so the transformers' width is unknown")
+    dim = state["v_out.weight"].shape[1]
+    prefix = "v_transformer.encoder.layers."
+    layers = len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+    if dim % heads:
+        raise CheckpointError(f"{path}: {heads} attention heads do not divide the transformers' width {dim}")
+    return {"trans_dim": dim, "trans_layers": layers, "trans_heads": heads}
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -189,3 +221,49 @@ def _identity(name: str, weights: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return f"checkpoint {name} sha256:{digest.hexdigest()[:12]}"
+
+
+def served_identity(model: FV2ES) -> str:
+    """What every prediction's WEIGHTS says: where the weights came from, the architecture
+    assumed where the tensors cannot tell, and the preprocessing applied."""
+    config = model.config
+    return (f"{model.weights_id} | architecture: transformers {config.trans_layers} layers x "
+            f"{config.trans_heads} heads, width {config.trans_dim}, text {config.text_backbone} | "
+            f"preprocessing: {model.preprocessing.describe()}")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The model to serve and what its files cannot tell: the one set of options that
+    `fv2es predict` and `python -m builders` share (add_arguments / from_args)."""
+    checkpoint: str | None = None       # None: the untrained seeded model
+    text_backbone: str | None = None    # the authors' files: ALBERT-base-v2's config and tokenizer
+    label_set: str | None = None
+    trans_heads: int | None = None
+    preprocessing: str | None = None    # a preset or field=value pairs over the model's own
+
+    def load(self) -> FV2ES:
+        if self.checkpoint:
+            model = load_checkpoint(self.checkpoint, self.text_backbone, self.label_set, self.trans_heads)
+        else:
+            shape = {"label_set": self.label_set, "trans_heads": self.trans_heads}
+            model = default_model(ModelConfig(**{k: v for k, v in shape.items() if v}))
+        model.preprocessing = parse(self.preprocessing, model.preprocessing)
+        return model
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        parser.add_argument("--checkpoint", help="our checkpoint dir/file or the authors' state dict "
+                            "(default: untrained seeded weights)")
+        parser.add_argument("--text-backbone", help="the authors' checkpoint: folder with ALBERT-base-v2's "
+                            "config.json and tokenizer.json")
+        parser.add_argument("--label-set", choices=sorted(LABEL_SETS),
+                            help="the classes (untrained model, or the authors' checkpoint)")
+        parser.add_argument("--trans-heads", type=int, help="attention heads (the authors' checkpoint: "
+                            f"default {AUTHORS_TRANS_HEADS}; ours record theirs)")
+        parser.add_argument("--preprocessing", help=f"a preset ({', '.join(PRESETS)}) or field=value,... "
+                            "over the model's recorded preprocessing (fv2es.preprocessing)")
+
+    @classmethod
+    def from_args(cls, args) -> "ModelSource":
+        return cls(args.checkpoint, args.text_backbone, args.label_set, args.trans_heads, args.preprocessing)

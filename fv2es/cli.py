@@ -27,15 +27,13 @@ def predict(args) -> int:
         from fv2es.asr import Transcriber
 
         transcriber = Transcriber(args.asr)
+    from fv2es.checkpoint import ModelSource
     from fv2es.predictor import Predictor
 
-    from fv2es.checkpoint import CheckpointError, default_model, load_checkpoint
-
     try:
-        model = (load_checkpoint(args.checkpoint, args.text_backbone, args.label_set) if args.checkpoint
-                 else default_model())
-    except (CheckpointError, OSError, ValueError) as exc:
-        return _fail(f"cannot load checkpoint {args.checkpoint}: {exc}")
+        model = ModelSource.from_args(args).load()
+    except (OSError, ValueError) as exc:     # CheckpointError is a ValueError
+        return _fail(f"cannot load the model ({args.checkpoint or 'untrained'}): {exc}")
     predictor = Predictor(model=model, transcriber=transcriber)
     bar = None
     if not args.no_progress and sys.stderr.isatty():
@@ -66,10 +64,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("predict", help="predict emotions for one video, in this process")
     p.add_argument("video")
     p.add_argument("--transcript", help="the words spoken; skips speech recognition")
-    p.add_argument("--checkpoint", help="our checkpoint or the authors' state dict (default: untrained)")
-    p.add_argument("--text-backbone", help="the authors' checkpoint: folder with ALBERT-base-v2's "
-                   "config.json and tokenizer.json")
-    p.add_argument("--label-set", choices=["iemocap6", "mosei6"], help="the authors' checkpoint's classes")
+    from fv2es.checkpoint import ModelSource
+
+    ModelSource.add_arguments(p)
     p.add_argument("--asr", default="whisper-tiny.en", help="speech recognition model, or 'none'")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
     p.add_argument("--no-progress", action="store_true")

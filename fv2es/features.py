@@ -1,8 +1,9 @@
 """Model inputs from decoded media: mel spectrogram pieces and normalised face crops.
 
-One implementation, in torch, for every profile: it runs on the device of the tensor it is
-given (CPU in the cpu profile and the predictor, CUDA in the gpu profile). Given a numpy
-array it answers a numpy array, given a tensor a tensor on the same device.
+One implementation for every profile: the mel spectrogram in torch, on the device of the
+tensor it is given (CPU in the cpu profile and the predictor, CUDA in the gpu profile); the
+face crops cut on that device and resized on the host by OpenCV, as the authors' MTCNN does.
+Given a numpy array each answers a numpy array, given a tensor a tensor on the same device.
 """
 from __future__ import annotations
 
@@ -99,36 +100,6 @@ def mel_pieces(audio):
     return _like(audio, pieces.reshape(count, 4, 32, 32).contiguous())
 
 
-def area_weights(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
-    """0/1 matrix [size_out, size_in] of each output cell's input span, and span lengths.
-
-    The spans are torch's adaptive average pooling ones (interpolate mode="area"):
-    floor(i * in / out) to ceil((i + 1) * in / out).
-    """
-    i = np.arange(size_out)
-    starts = (i * size_in) // size_out
-    ends = -((-(i + 1) * size_in) // size_out)
-    j = np.arange(size_in)
-    spans = (j[None, :] >= starts[:, None]) & (j[None, :] < ends[:, None])
-    return spans.astype(np.float64), (ends - starts).astype(np.float64)
-
-
-def area_resize(image, height: int, width: int):
-    """Resize [H, W, C] like torch interpolate(mode="area"): float64 [height, width, C].
-
-    Sums are taken with 0/1 weights and divided once, so a mean that is a whole number
-    comes out exact (facenet truncates the result to uint8 next).
-    """
-    return _like(image, _area_resize(torch.as_tensor(image), height, width))
-
-
-def _area_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    rows, row_counts = (torch.from_numpy(a).to(image.device) for a in area_weights(image.shape[0], height))
-    cols, col_counts = (torch.from_numpy(a).to(image.device) for a in area_weights(image.shape[1], width))
-    sums = torch.einsum("ih,hwc,jw->ijc", rows, image.double(), cols)
-    return sums / (row_counts[:, None, None] * col_counts[None, :, None])
-
-
 def face_box(box, frame_height: int, frame_width: int) -> tuple[int, int, int, int]:
     """facenet_pytorch's extract_face box: margin, clamp, int(); at least one pixel."""
     size = contract.FACE_SIZE
@@ -145,39 +116,64 @@ def face_box(box, frame_height: int, frame_width: int) -> tuple[int, int, int, i
     return left, top, max(right, left + 1), max(bottom, top + 1)
 
 
-def _centre_patch(frame: torch.Tensor) -> torch.Tensor:
-    """The frame's central FACE_SIZE square (torchvision CenterCrop offsets), or the
-    whole frame resized when it is smaller than that."""
+def centre_region(height: int, width: int) -> tuple[int, int]:
+    """"centre": the top-left corner of the frame's central square (torchvision CenterCrop)."""
     size = contract.FACE_SIZE
-    height, width = frame.shape[:2]
-    if height < size or width < size:
-        return _area_resize(frame, size, size)
-    top = int(round((height - size) / 2.0))
-    left = int(round((width - size) / 2.0))
-    return frame[top:top + size, left:left + size].double()
+    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
 
 
-def crop_faces(frames, boxes, scores):
+def authors_region(height: int, width: int) -> tuple[int, int]:
+    """"authors": their crop_img_center's corner, offset (height - 48) // 2 down and 24 px
+    less than that across; clamped into the frame (they index out of it below 96 px high)."""
+    size = contract.FACE_SIZE
+    offset = (height - size) // 2
+    return offset, offset - size // 2
+
+
+# fv2es.preprocessing.NO_FACE_CROPS: the top-left corner of the 48x48 stand-in for a face.
+NO_FACE_REGIONS = {"centre": centre_region, "authors": authors_region}
+
+
+def resize_face(region: np.ndarray) -> np.ndarray:
+    """A [h, w, 3] crop to float32 [48, 48, 3] with OpenCV's INTER_AREA in float, as
+    facenet_pytorch's MTCNN does on the float frames the authors give it (no rounding)."""
+    import cv2
+
+    size = contract.FACE_SIZE
+    region = np.ascontiguousarray(region, dtype=np.float32)
+    if region.shape[:2] == (size, size):
+        return region
+    return cv2.resize(region, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def crop_faces(frames, boxes, scores, no_face_crop: str = "centre"):
     """Normalised 48x48 face crops: float32 [F, 3, 48, 48], on the frames' device.
 
     Where SCORES > 0, the crop follows facenet_pytorch.MTCNN(image_size=48, margin=2,
-    post_process=False) on a tensor image: box plus margin, clamped, cut, area-resized
-    to 48x48 and truncated to uint8. Where SCORES == 0 (no face) the centre patch of the
-    frame stands in, as the authors do. Then (x - FACE_MEAN) / FACE_STD per channel on
-    the 0-255 scale. The boxes and scores are read on the host (5 floats a frame) to plan
-    the crops; the pixels stay on their device.
+    post_process=False) on a float image: box plus margin, clamped, cut, resized to 48x48
+    (resize_face). Where SCORES == 0 (no face), the NO_FACE_CROP region stands in
+    (NO_FACE_REGIONS; the whole frame, resized, when it is smaller than 48 px). Then
+    (x - FACE_MEAN) / FACE_STD per channel on the 0-255 scale, in float32 as torchvision's
+    Normalize. The crops are cut on the frames' device and resized on the host (a crop is a
+    few kB: OpenCV's INTER_AREA is the reference, so it does the resizing).
     """
-    images = torch.as_tensor(frames)
+    on_host = isinstance(frames, np.ndarray)
+    device = torch.device("cpu") if on_host else frames.device
     boxes, scores = np.asarray(torch.as_tensor(boxes).cpu()), np.asarray(torch.as_tensor(scores).cpu())
+    region_corner = NO_FACE_REGIONS[no_face_crop]
     size = contract.FACE_SIZE
-    count, height, width = images.shape[:3]
-    faces = torch.empty((count, size, size, 3), dtype=torch.float64, device=images.device)
+    count, height, width = frames.shape[:3]
+    faces = np.empty((count, size, size, 3), dtype=np.float32)
     for i in range(count):
         if scores[i] > 0:
             left, top, right, bottom = face_box(boxes[i], height, width)
-            faces[i] = torch.floor(_area_resize(images[i, top:bottom, left:right], size, size))
         else:
-            faces[i] = _centre_patch(images[i])
-    mean = torch.tensor(contract.FACE_MEAN, dtype=torch.float64, device=images.device)
-    std = torch.tensor(contract.FACE_STD, dtype=torch.float64, device=images.device)
-    return _like(frames, ((faces - mean) / std).permute(0, 3, 1, 2).float().contiguous())
+            top, left = region_corner(height, width)
+            top, left = min(max(top, 0), max(height - size, 0)), min(max(left, 0), max(width - size, 0))
+            bottom, right = top + size, left + size
+        region = frames[i, top:bottom, left:right]
+        faces[i] = resize_face(region if on_host else region.cpu().numpy())
+    faces = torch.from_numpy(faces).to(device)
+    mean = torch.tensor(contract.FACE_MEAN, dtype=torch.float32, device=device)
+    std = torch.tensor(contract.FACE_STD, dtype=torch.float32, device=device)
+    return _like(frames, ((faces - mean) / std).permute(0, 3, 1, 2).contiguous())

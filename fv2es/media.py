@@ -1,14 +1,17 @@
-"""Decoding of the uploaded media with PyAV: a frame every 500 ms and 16 kHz mono audio.
+"""Decoding of the uploaded media with PyAV: sampled frames and 16 kHz mono audio.
 
 No torch here: the Triton python-backend decode steps import this module on its own.
 
-Frame sampling rule. Times are seconds from the container's start. The sampling instants
-are t_k = k * interval for k = 0, 1, 2, ... while t_k < end, where end is the last
-frame's timestamp plus its duration (the end of the video stream). At each instant we
-take the frame on screen then: the last frame whose timestamp is <= t_k, or the first
-frame when t_k comes before it. This follows timestamps, not frame counts, so it is right
-for variable frame rate video. A 3 s clip gives instants 0, 0.5, ..., 2.5: 6 frames,
-i.e. ceil(video_duration / interval).
+Frame sampling rules (fv2es.preprocessing.FRAME_SAMPLINGS). Times are seconds from the
+container's start.
+- "every-0.5s" (the default): the sampling instants are t_k = k * 0.5 for k = 0, 1, 2, ...
+  while t_k < end, where end is the last frame's timestamp plus its duration (the end of
+  the video stream). At each instant we take the frame on screen then: the last frame whose
+  timestamp is <= t_k, or the first frame when t_k comes before it. This follows
+  timestamps, not frame counts, so it is right for variable frame rate video. A 3 s clip
+  gives instants 0, 0.5, ..., 2.5: 6 frames, i.e. ceil(video_duration / 0.5).
+- "every-15th-frame" (the authors'): decoded frames 0, 15, 30, ..., each at its own
+  timestamp, whatever the frame rate (a 10 s clip: 20 frames at 30 fps, 17 at 25 fps).
 """
 from __future__ import annotations
 
@@ -80,9 +83,8 @@ class DecodedAudio:
     stream: int = -1        # the container's index of the stream used, -1 for none
 
 
-def decode_video(media, interval: float = contract.FRAME_INTERVAL_S,
-                 max_side: int = contract.MAX_FRAME_SIDE) -> DecodedVideo:
-    """Frames sampled every INTERVAL seconds by timestamp (see the module docstring).
+def decode_video(media, sampling: str = "every-0.5s", max_side: int = contract.MAX_FRAME_SIDE) -> DecodedVideo:
+    """Frames sampled by the SAMPLING rule (see the module docstring).
 
     MEDIA is the file's bytes or a path. Frames are scaled down so the longer side is at
     most MAX_SIDE (aspect kept, swscale's area filter: an average over each output
@@ -100,7 +102,7 @@ def decode_video(media, interval: float = contract.FRAME_INTERVAL_S,
         check_frame_size(stream.codec_context.width, stream.codec_context.height)
         stream.thread_type = "AUTO"
         reader = _Reader(container, [stream])
-        sampler = _Sampler(interval, max_side)
+        sampler = _SAMPLERS[sampling](max_side)
         prev_time = prev_duration = None
         for _, frame in reader.frames():
             check_frame_size(frame.width, frame.height)
@@ -128,11 +130,14 @@ def scaled_size(width: int, height: int, max_side: int = contract.MAX_FRAME_SIDE
 
 
 def sample_indices(frame_times: np.ndarray, video_end: float,
-                   interval: float = contract.FRAME_INTERVAL_S) -> tuple[np.ndarray, np.ndarray]:
-    """The sampling rule (module docstring) on known frame timestamps, for decoders that pick
-    frames by index (NVDEC): (frame indices int32, instants float32), the frame on screen at
-    each instant k * interval before the video ends (the first frame before it starts).
-    decode_video applies the same rule while it decodes (_Sampler)."""
+                   sampling: str = "every-0.5s") -> tuple[np.ndarray, np.ndarray]:
+    """The SAMPLING rule (module docstring) on known frame timestamps, for decoders that pick
+    frames by index (NVDEC): (frame indices int32, their times float32). decode_video applies
+    the same rules while it decodes (_SAMPLERS)."""
+    if sampling == "every-15th-frame":
+        indices = np.arange(0, len(frame_times), FRAME_STRIDE)
+        return indices.astype(np.int32), np.asarray(frame_times, np.float32)[indices]
+    interval = contract.FRAME_INTERVAL_S
     end = max(video_end, frame_times[-1] + _EPS)
     instants = np.arange(int(np.ceil((end - _EPS) / interval))) * interval
     indices = np.searchsorted(frame_times, instants + _EPS, side="right") - 1
@@ -148,14 +153,16 @@ def check_frame_size(width: int, height: int) -> None:
                          f"{MAX_SOURCE_PIXELS} limit")
 
 
-def decode_audio(media, sample_rate: int = contract.SAMPLE_RATE) -> DecodedAudio:
-    """The audio stream with the words, resampled to SAMPLE_RATE, mono.
+def decode_audio(media, channel: str = "mean", sample_rate: int = contract.SAMPLE_RATE) -> DecodedAudio:
+    """The audio stream with the words, resampled to SAMPLE_RATE, one channel.
 
     Which stream: the default-disposition ones first, then the others in file order; the
     first of them that is not silent (a file may carry a silent or a music track first).
-    Mono is the mean of the channels (as librosa.load(mono=True) does), not swresample's
-    downmix, which adds stereo channels at 0.707 each and changes the level. The length
-    limit holds while decoding: a header that understates the length stops nothing.
+    Which CHANNEL (fv2es.preprocessing.AUDIO_CHANNELS): "mean" is the mean of the channels
+    (as librosa.load(mono=True) does), not swresample's downmix, which adds stereo channels
+    at 0.707 each and changes the level; "left" / "right" the first / second channel (the
+    only one of a mono file); "loudest" the louder of the first two. The length limit holds
+    while decoding: a header that understates the length stops nothing.
     """
     with open_media(media) as container:
         candidates = _audio_candidates(container)
@@ -163,7 +170,7 @@ def decode_audio(media, sample_rate: int = contract.SAMPLE_RATE) -> DecodedAudio
             return DecodedAudio(np.zeros(0, np.float32), False)
         check_length(container.duration / 1e6 if container.duration is not None else None,
                       MAX_AUDIO_S, "audio")
-        decoders = {stream.index: _AudioDecoder(sample_rate) for stream in candidates}
+        decoders = {stream.index: _AudioDecoder(sample_rate, channel) for stream in candidates}
         for stream in candidates:
             stream.thread_type = "AUTO"
         for stream, frame in _Reader(container, candidates).frames():
@@ -186,10 +193,13 @@ def _audio_candidates(container) -> list:
 
 
 class _AudioDecoder:
-    """One audio stream's frames, resampled to mono at SAMPLE_RATE, with the length limit."""
+    """One audio stream's frames, resampled to SAMPLE_RATE, reduced to the CHANNEL rule's
+    channels as they come (at most two are kept, for "loudest"), with the length limit."""
 
-    def __init__(self, sample_rate: int):
-        self.sample_rate = sample_rate
+    def __init__(self, sample_rate: int, channel: str):
+        if channel not in _CHANNEL_ROWS:
+            raise ValueError(f"audio channel {channel!r}: choose one of {', '.join(_CHANNEL_ROWS)}")
+        self.sample_rate, self.channel = sample_rate, channel
         self.chunks, self.count = [], 0
         self.resampler, self.setup = None, None
 
@@ -197,14 +207,20 @@ class _AudioDecoder:
         # PyAV's resampler refuses frames unlike its first: start a new one when the
         # stream changes format, layout or rate mid-way.
         if (frame.format.name, frame.layout.name, frame.sample_rate) != self.setup:
-            self._keep(_mono(self.resampler, None) if self.resampler else [])
+            self._keep(self._resample(None) if self.resampler else [])
             self.resampler = av.AudioResampler(format="fltp", rate=self.sample_rate)   # layout kept
             self.setup = (frame.format.name, frame.layout.name, frame.sample_rate)
-        self._keep(_mono(self.resampler, frame))
+        self._keep(self._resample(frame))
+
+    def _resample(self, frame) -> list:
+        """FRAME (None flushes) resampled: one [kept channels, samples] array per output frame."""
+        # A resampler with nothing to change passes frames through, and None with them.
+        return [_CHANNEL_ROWS[self.channel](out.to_ndarray()) for out in self.resampler.resample(frame)
+                if out is not None]
 
     def _keep(self, chunks: list) -> None:
         self.chunks += chunks
-        self.count += sum(len(c) for c in chunks)
+        self.count += sum(c.shape[1] for c in chunks)
         if self.count > MAX_AUDIO_S * self.sample_rate:
             raise MediaError(f"audio too long: more than {MAX_AUDIO_S:.0f} s decoded "
                              f"(the limit is {MAX_AUDIO_S:.0f} s)")
@@ -213,13 +229,29 @@ class _AudioDecoder:
         """float32 [S] samples, None when the stream gave none."""
         if self.resampler is None:
             return None
-        self._keep(_mono(self.resampler, None))
-        return np.concatenate(self.chunks).astype(np.float32) if self.chunks else np.zeros(0, np.float32)
+        self._keep(self._resample(None))
+        if not self.chunks:
+            return np.zeros(0, np.float32)
+        rows = min(c.shape[0] for c in self.chunks)     # a layout change mid-way may drop one
+        samples = np.concatenate([c[:rows] for c in self.chunks], axis=1)
+        if self.channel == "loudest":
+            return samples[int(np.argmax(np.square(samples, dtype=np.float64).sum(axis=1)))].astype(np.float32)
+        return samples[0].astype(np.float32)
+
+
+# Per output frame [channels, samples]: the rows each channel rule keeps.
+_CHANNEL_ROWS = {
+    "mean": lambda planes: planes.mean(axis=0, keepdims=True),
+    "left": lambda planes: planes[:1],
+    "right": lambda planes: planes[min(1, len(planes) - 1):][:1],
+    "loudest": lambda planes: planes[:2],
+}
 
 
 # The longest inputs the contract accepts (its frames and samples axes): a longer file
 # gets a clear error instead of gigabytes of frames.
-MAX_VIDEO_S = contract.AXES["frames"][2] * contract.FRAME_INTERVAL_S
+MAX_FRAMES = contract.AXES["frames"][2]
+MAX_VIDEO_S = MAX_FRAMES * contract.FRAME_INTERVAL_S
 MAX_AUDIO_S = contract.AXES["samples"][2] / contract.SAMPLE_RATE
 MAX_MEDIA_S = max(MAX_VIDEO_S, MAX_AUDIO_S) + 1.0   # any stream; the margin allows for rounding
 
@@ -227,12 +259,6 @@ MAX_MEDIA_S = max(MAX_VIDEO_S, MAX_AUDIO_S) + 1.0   # any stream; the margin all
 def check_length(seconds, limit: float, kind: str) -> None:
     if seconds is not None and seconds > limit:
         raise MediaError(f"{kind} too long: {seconds:.1f} s > limit {limit:.0f} s")
-
-
-def _mono(resampler, frame) -> list:
-    """Resample FRAME (None flushes) and average its channels."""
-    # A resampler with nothing to change passes frames through, and None with them.
-    return [out.to_ndarray().mean(axis=0) for out in resampler.resample(frame) if out is not None]
 
 
 def open_media(media):
@@ -352,34 +378,25 @@ def _frame_duration(frame, stream) -> float:
 
 
 class _Sampler:
-    """Picks the frame on screen at each instant; converts only the frames it keeps."""
+    """Keeps the sampled frames, converting each only once; subclasses say which."""
 
-    def __init__(self, interval: float, max_side: int):
-        self.interval, self.max_side = interval, max_side
+    def __init__(self, max_side: int):
+        self.max_side = max_side
         self.images, self.times = [], []
-        self.shown = None           # (frame, its time): the frame on screen so far
         self.size = None            # output (width, height), fixed by the first frame
         self.converted = None       # (frame, image): the last conversion, for reuse
 
-    def _next_instant(self) -> float:
-        return len(self.times) * self.interval
-
     def add(self, frame, time: float):
-        # Instants before this frame show the previous one (or this one, if it is first).
-        while self._next_instant() < time - _EPS:
-            self._emit(self.shown[0] if self.shown else frame)
-        self.shown = (frame, time)
+        raise NotImplementedError
 
     def finish(self, end: float):
-        # The last frame stays on screen until the stream ends; it is shown at least at
-        # its own timestamp, even when its duration is unknown.
-        end = max(end, self.shown[1] + _EPS)
-        while self._next_instant() < end - _EPS:
-            self._emit(self.shown[0])
+        pass
 
-    def _emit(self, frame):
-        check_length(self._next_instant(), MAX_VIDEO_S - self.interval, "video")  # headers can lie
-        self.times.append(self._next_instant())
+    def _emit(self, frame, time: float):
+        if len(self.times) >= MAX_FRAMES:   # headers can lie
+            raise MediaError(f"video too long: more than {MAX_FRAMES} sampled frames "
+                             f"(the limit is {MAX_VIDEO_S:.0f} s at one frame every {contract.FRAME_INTERVAL_S} s)")
+        self.times.append(time)
         if self.converted is None or self.converted[0] is not frame:
             self.converted = (frame, self._convert(frame))
         self.images.append(self.converted[1])
@@ -395,3 +412,45 @@ class _Sampler:
         # counter-clockwise too.
         turns = round(frame.rotation / 90) % 4
         return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+
+
+class _EveryInterval(_Sampler):
+    """"every-0.5s": the frame on screen at each instant k * 0.5 s."""
+    interval = contract.FRAME_INTERVAL_S
+
+    def __init__(self, max_side: int):
+        super().__init__(max_side)
+        self.shown = None           # (frame, its time): the frame on screen so far
+
+    def _next_instant(self) -> float:
+        return len(self.times) * self.interval
+
+    def add(self, frame, time: float):
+        # Instants before this frame show the previous one (or this one, if it is first).
+        while self._next_instant() < time - _EPS:
+            self._emit(self.shown[0] if self.shown else frame, self._next_instant())
+        self.shown = (frame, time)
+
+    def finish(self, end: float):
+        # The last frame stays on screen until the stream ends; it is shown at least at
+        # its own timestamp, even when its duration is unknown.
+        end = max(end, self.shown[1] + _EPS)
+        while self._next_instant() < end - _EPS:
+            self._emit(self.shown[0], self._next_instant())
+
+
+class _EveryNthFrame(_Sampler):
+    """"every-15th-frame": decoded frames 0, 15, 30, ... at their own times."""
+
+    def __init__(self, max_side: int):
+        super().__init__(max_side)
+        self.decoded = 0
+
+    def add(self, frame, time: float):
+        if self.decoded % FRAME_STRIDE == 0:
+            self._emit(frame, time)
+        self.decoded += 1
+
+
+FRAME_STRIDE = 15
+_SAMPLERS = {"every-0.5s": _EveryInterval, "every-15th-frame": _EveryNthFrame}

@@ -27,7 +27,7 @@ class Predictor:
 
     def __init__(self, checkpoint: str | Path | None = None, model=None, transcriber=None,
                  device: str = "cpu", fuse: bool = True):
-        from fv2es.checkpoint import default_model, load_checkpoint
+        from fv2es.checkpoint import default_model, load_checkpoint, served_identity
         from fv2es.model.text import load_tokenizer
         from fv2es.mtcnn import load_mtcnn_nets, torch_runner
         from fv2es.runners import TorchRunner
@@ -42,8 +42,8 @@ class Predictor:
         mtcnn_run = torch_runner({name: net.to(device) for name, net in load_mtcnn_nets().items()})
         tokenizer = load_tokenizer(model.config)
         self.steps = [make_step(s.name, runner=runner, tokenizer=tokenizer, transcriber=transcriber,
-                                weights_id=model.weights_id, label_set=model.config.label_set,
-                                mtcnn_run=mtcnn_run, device=device)
+                                weights_id=served_identity(model), label_set=model.config.label_set,
+                                preprocessing=model.preprocessing, mtcnn_run=mtcnn_run, device=device)
                       for s in STEPS]
 
     def predict(self, media: bytes | str | Path, transcript: str = "", progress=None) -> PredictorOutput:

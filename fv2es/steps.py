@@ -20,6 +20,7 @@ from fv2es_client.contract import (
 
 from fv2es import features, media
 from fv2es.media import MediaError
+from fv2es.preprocessing import Preprocessing
 from fv2es.runners import Runner
 
 
@@ -108,6 +109,7 @@ class Resources:
     transcriber: object = None      # "transcriber": fv2es.asr.Transcriber, or None
     weights_id: str = ""            # "labels": what the response says about the weights
     label_set: str = ""
+    preprocessing: Preprocessing = Preprocessing()   # "preprocessing": the model's own (fv2es.preprocessing)
 
 
 class Step:
@@ -138,20 +140,28 @@ def read_media(clip: dict) -> bytes:
     return read_bytes(clip["MEDIA"])
 
 
-class DecodeVideo(Step):
+class Preprocessor(Step):
+    """A step whose work follows the model's preprocessing choices."""
+    needs, made_from = ("preprocessing",), ("preprocessing",)
+
+    def __init__(self, preprocessing: Preprocessing = Preprocessing()):
+        self.preprocessing = preprocessing
+
+
+class DecodeVideo(Preprocessor):
     name = "decode_video"
 
     def process(self, clip):
-        video = media.decode_video(read_media(clip))
+        video = media.decode_video(read_media(clip), self.preprocessing.frame_sampling)
         return {"FRAMES": video.frames, "FRAME_TIMES": video.times.astype(np.float32),
                 "VIDEO_PRESENT": flag(video.present), "DURATION": np.array([video.duration], np.float32)}
 
 
-class DecodeAudio(Step):
+class DecodeAudio(Preprocessor):
     name = "decode_audio"
 
     def process(self, clip):
-        audio = media.decode_audio(read_media(clip))
+        audio = media.decode_audio(read_media(clip), self.preprocessing.audio_channel)
         return {"AUDIO": audio.samples.astype(np.float32), "AUDIO_PRESENT": flag(audio.present),
                 "AUDIO_STREAM": np.array([audio.stream], np.int32)}
 
@@ -188,11 +198,12 @@ class DetectFaces(Step):
                 "FACE_SCORES": torch.cat([s for _, s in found]).cpu().numpy()}
 
 
-class CropFaces(Step):
+class CropFaces(Preprocessor):
     name = "crop_faces"
 
     def process(self, clip):
-        return {"FACES": features.crop_faces(clip["FRAMES"], clip["FACE_BOXES"], clip["FACE_SCORES"])}
+        return {"FACES": features.crop_faces(clip["FRAMES"], clip["FACE_BOXES"], clip["FACE_SCORES"],
+                                             self.preprocessing.no_face_crop)}
 
 
 class MelPieces(Step):
@@ -406,9 +417,13 @@ def _load_labels(resources, params, folder, cls):
     resources.weights_id, resources.label_set = params.get("weights_id", ""), params.get("label_set", "")
 
 
+def _load_preprocessing(resources, params, folder, cls):
+    resources.preprocessing = Preprocessing.from_dict(params)
+
+
 # How each kind of resource is read back from a step's folder (the builders write them).
 LOADERS = {"mtcnn": _load_mtcnn, "networks": _load_networks, "tokenizer": _load_tokenizer,
-           "transcriber": _load_transcriber, "labels": _load_labels}
+           "transcriber": _load_transcriber, "labels": _load_labels, "preprocessing": _load_preprocessing}
 
 
 def check_table(graph=STEPS) -> None:

@@ -9,11 +9,18 @@ from builders.build_repository import build_cpu
 from fv2es.serving.tritonserver import TritonServer, free_ports
 
 import media_factory
+from authors_reference import make_tiny_albert
 
 
 @pytest.fixture(scope="session")
 def media_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("media")
+
+
+@pytest.fixture(scope="session")
+def albert_dir(tmp_path_factory):
+    """A tiny ALBERT-base-v2 stand-in (the authors' text backbone): config, weights, tokenizer."""
+    return make_tiny_albert(tmp_path_factory.mktemp("albert"))
 
 
 @pytest.fixture(scope="session")

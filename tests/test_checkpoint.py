@@ -10,113 +10,16 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from torch import nn
-from transformers import AlbertConfig, AlbertModel
 
+from authors_reference import authors_state_dict
 from builders.export_onnx import dummy_inputs
-from fv2es.checkpoint import CheckpointError, default_model, load_checkpoint, save_checkpoint
+from fv2es.checkpoint import (
+    AUTHORS_TRANS_HEADS, CheckpointError, ModelSource, default_model, load_checkpoint, save_checkpoint,
+    served_identity,
+)
 from fv2es.model import ModelConfig
 from fv2es.model.text import encode, load_tokenizer
-
-REPVGG = {4: (64, 64), 5: (64, 64), 6: (64, 128), 8: (128, 256), 10: (256, 512)}   # V index: in, out
-NEST_DIMS, NEST_DEPTHS, NEST_BLOCKS = (128, 256, 512), (2, 2, 20), (16, 4, 1)
-
-
-@pytest.fixture(scope="module")
-def albert_dir(tmp_path_factory):
-    """A tiny ALBERT: config.json, weights and a word-level tokenizer.json with CLS/SEP."""
-    path = tmp_path_factory.mktemp("albert")
-    torch.manual_seed(0)
-    AlbertModel(AlbertConfig(vocab_size=40, embedding_size=16, hidden_size=32, num_hidden_layers=2,
-                             num_attention_heads=2, intermediate_size=48,
-                             max_position_embeddings=128)).save_pretrained(path)
-    vocab = {"<pad>": 0, "<unk>": 1, "[CLS]": 2, "[SEP]": 3, "i": 4, "am": 5, "happy": 6}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tokenizer.save(str(path / "tokenizer.json"))
-    return path
-
-
-def authors_state_dict(albert_dir, fused: bool, classes: int = 6, seed: int = 0) -> dict:
-    """Keys and shapes of the authors' MME2E.state_dict(), values random."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-
-    def put(name, *shape):
-        state[name] = torch.randn(shape, generator=g) * 0.05
-
-    def batchnorm(prefix, n):
-        put(f"{prefix}.weight", n)
-        put(f"{prefix}.bias", n)
-        put(f"{prefix}.running_mean", n)
-        state[f"{prefix}.running_var"] = torch.rand(n, generator=g) + 0.5
-        state[f"{prefix}.num_batches_tracked"] = torch.tensor(1000)
-
-    def linear(prefix, out_features, in_features, bias=True):
-        put(f"{prefix}.weight", out_features, in_features)
-        if bias:
-            put(f"{prefix}.bias", out_features)
-
-    albert = AlbertModel.from_pretrained(albert_dir)
-    for name, tensor in albert.state_dict().items():
-        state[f"T.albert.{name}"] = tensor.clone()
-    state["T.albert.embeddings.position_ids"] = torch.arange(128)[None]   # older transformers saved it
-    put("V.0.weight", 64, 3, 5, 5)
-    put("V.0.bias", 64)
-    batchnorm("V.1", 64)
-    for index, (cin, cout) in REPVGG.items():
-        if fused:
-            put(f"V.{index}.rbr_reparam.weight", cout, cin, 3, 3)
-            put(f"V.{index}.rbr_reparam.bias", cout)
-            continue
-        put(f"V.{index}.rbr_dense.conv.weight", cout, cin, 3, 3)
-        batchnorm(f"V.{index}.rbr_dense.bn", cout)
-        put(f"V.{index}.rbr_1x1.conv.weight", cout, cin, 1, 1)
-        batchnorm(f"V.{index}.rbr_1x1.bn", cout)
-        if cin == cout:
-            batchnorm(f"V.{index}.rbr_identity", cin)
-    put("A.0.patch_embed.proj.weight", 128, 4, 3, 3)
-    put("A.0.patch_embed.proj.bias", 128)
-    for i, (dim, depth, blocks) in enumerate(zip(NEST_DIMS, NEST_DEPTHS, NEST_BLOCKS)):
-        level = f"A.0.levels.{i}"
-        put(f"{level}.pos_embed", 1, blocks, 64, dim)
-        if i > 0:
-            put(f"{level}.pool.conv.weight", dim, NEST_DIMS[i - 1], 3, 3)
-            put(f"{level}.pool.conv.bias", dim)
-            state[f"{level}.pool.norm.weight"] = torch.ones(dim)
-            put(f"{level}.pool.norm.bias", dim)
-        for j in range(depth):
-            layer = f"{level}.transformer_encoder.{j}"
-            for norm in ("norm1", "norm2"):
-                state[f"{layer}.{norm}.weight"] = torch.ones(dim)
-                put(f"{layer}.{norm}.bias", dim)
-            linear(f"{layer}.attn.qkv", 3 * dim, dim)
-            linear(f"{layer}.attn.proj", dim, dim)
-            linear(f"{layer}.mlp.fc1", 4 * dim, dim)
-            linear(f"{layer}.mlp.fc2", dim, 4 * dim)
-    state["A.0.norm.weight"] = torch.ones(512)
-    put("A.0.norm.bias", 512)
-    linear("A.0.head", 1000, 512)                 # timm's classifier, unused by their forward
-    put("mtcnn.pnet.conv1.weight", 10, 3, 3, 3)   # facenet-pytorch's MTCNN lived in their module
-    put("mtcnn.onet.dense6_3.bias", 10)
-    linear("v_flatten.0", 1024, 512 * 3 * 3)
-    linear("v_flatten.2", 64, 1024)
-    linear("a_flatten.0", 1024, 512 * 8 * 8)
-    linear("a_flatten.2", 64, 1024)
-    torch.manual_seed(seed)
-    for branch in ("v_transformer", "a_transformer"):
-        encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4), 4, enable_nested_tensor=False)
-        state.update({f"{branch}.encoder.{k}": v for k, v in encoder.state_dict().items()})
-        put(f"{branch}.cls_emb.weight", 1, 64)
-    linear("v_out", classes, 64)
-    linear("t_out", classes, 32)
-    linear("a_out", classes, 64)
-    linear("weighted_fusion", 1, 3, bias=False)
-    return state
-
+from fv2es.preprocessing import PRESETS, Preprocessing
 
 DROPPED = ("mtcnn.", "A.0.head.", "T.albert.embeddings.position_ids")
 
@@ -235,3 +138,64 @@ def test_untrained_default_stays_labelled_untrained(tmp_path, albert_dir):
     assert loaded.weights_id == model.weights_id
     assert loaded.weights_id.startswith("UNTRAINED") and "seed 3" in loaded.weights_id
     assert_loaded(loaded, model.state_dict())
+
+
+def test_authors_files_load_with_the_authors_preprocessing_and_heads(authors_files, albert_dir):
+    model = load_checkpoint(authors_files[False][0], text_backbone_path=albert_dir, label_set="iemocap6")
+    assert model.preprocessing == PRESETS["authors"]
+    assert (model.config.trans_dim, model.config.trans_layers, model.config.trans_heads) == (64, 4, AUTHORS_TRANS_HEADS)
+    identity = served_identity(model)
+    assert identity.startswith(model.weights_id + " | ")
+    assert "transformers 4 layers x 4 heads, width 64, text albert" in identity
+    assert identity.endswith("| preprocessing: authors")
+
+
+def test_heads_come_from_the_option_and_change_the_answer(authors_files, albert_dir):
+    path = authors_files[False][0]
+    four = load_checkpoint(path, text_backbone_path=albert_dir, label_set="iemocap6")
+    eight = load_checkpoint(path, text_backbone_path=albert_dir, label_set="iemocap6", trans_heads=8)
+    assert eight.config.trans_heads == 8 and "x 8 heads" in served_identity(eight)
+    inputs = dummy_inputs("audio_clip", batch=2)
+    with torch.no_grad():
+        assert not torch.allclose(four.audio_clip_net()(*inputs), eight.audio_clip_net()(*inputs), atol=1e-4)
+    with pytest.raises(CheckpointError, match="5 attention heads do not divide the transformers' width 64"):
+        load_checkpoint(path, text_backbone_path=albert_dir, label_set="iemocap6", trans_heads=5)
+
+
+def test_width_and_depth_come_from_the_tensors(tmp_path, albert_dir):
+    path = tmp_path / "wide.pt"
+    torch.save(authors_state_dict(albert_dir, fused=False, width=128, layers=2), path)
+    model = load_checkpoint(path, text_backbone_path=albert_dir, label_set="iemocap6", trans_heads=8)
+    assert (model.config.trans_dim, model.config.trans_layers, model.config.trans_heads) == (128, 2, 8)
+
+
+def test_our_checkpoints_record_preprocessing_and_heads(tmp_path):
+    model = ModelSource(trans_heads=8, preprocessing="frame_sampling=every-15th-frame,audio_channel=left").load()
+    assert model.config.trans_heads == 8
+    assert model.preprocessing == Preprocessing(frame_sampling="every-15th-frame", audio_channel="left")
+    path = save_checkpoint(model, tmp_path / "ours")
+    document = json.loads((path / "config.json").read_text())
+    assert document["preprocessing"] == {"face_resize": "opencv-area", "no_face_crop": "centre",
+                                         "frame_sampling": "every-15th-frame", "audio_channel": "left"}
+    loaded = load_checkpoint(path)
+    assert loaded.preprocessing == model.preprocessing and loaded.config.trans_heads == 8
+    assert "preprocessing: face_resize=opencv-area, no_face_crop=centre, frame_sampling=every-15th-frame, " \
+           "audio_channel=left" in served_identity(loaded)
+    with pytest.raises(CheckpointError, match="records trans_heads=8, not the 4 asked for"):
+        load_checkpoint(path, trans_heads=4)
+    # A checkpoint written before preprocessing was recorded was made with our defaults.
+    del document["preprocessing"]
+    (path / "config.json").write_text(json.dumps(document))
+    assert load_checkpoint(path).preprocessing == PRESETS["ours"]
+    # The option overrides what is recorded (a preset, or fields over the recorded ones).
+    assert ModelSource(str(path), preprocessing="authors").load().preprocessing == PRESETS["authors"]
+    assert ModelSource(str(path), preprocessing="no_face_crop=authors").load().preprocessing == \
+        Preprocessing(no_face_crop="authors")
+
+
+@pytest.mark.parametrize("spec,message", [("frame_sampling=every-frame", "frame_sampling='every-frame'"),
+                                          ("colour=rgb", "field=value with a field among"),
+                                          ("fastest", "expected a preset")])
+def test_bad_preprocessing_options_name_the_problem(spec, message):
+    with pytest.raises(ValueError, match=message):
+        ModelSource(preprocessing=spec).load()

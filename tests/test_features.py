@@ -1,13 +1,14 @@
-"""fv2es.features against independent references: librosa for the mel spectrogram, torch
-for the area resize and facenet_pytorch's face extraction (rebuilt here with torch ops)."""
+"""fv2es.features against independent references: librosa for the mel spectrogram,
+facenet_pytorch's face extraction on a float frame (its box arithmetic written out here, its
+resize being OpenCV's INTER_AREA) and the authors' crop_img_center where no face is found."""
+import cv2
 import librosa
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
 import media_factory as factory
-from fv2es.features import area_resize, crop_faces, mel_pieces, mel_spectrogram
+from authors_reference import authors_crop_img_center, facenet_crop, normalise
+from fv2es.features import crop_faces, mel_pieces, mel_spectrogram
 from fv2es_client import contract
 
 MEAN = np.array(contract.FACE_MEAN)
@@ -77,32 +78,6 @@ def test_empty_or_short_audio_gives_one_piece(samples):
     assert pieces.shape == (1, 4, 32, 32) and not pieces.any()
 
 
-@pytest.mark.parametrize("shape,size", [((137, 91), (48, 48)), ((48, 48), (48, 48)),
-                                        ((20, 33), (48, 48)), ((300, 200), (48, 70))])
-def test_area_resize_matches_torch(shape, size):
-    image = np.random.default_rng(1).integers(0, 256, shape + (3,)).astype(np.uint8)
-    reference = F.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None].float(),
-                              size=size, mode="area")[0].permute(1, 2, 0).numpy()
-    np.testing.assert_allclose(area_resize(image, *size), reference, rtol=0, atol=1e-4)
-
-
-def facenet_crop(frame, box, image_size=48, margin=2):
-    """facenet_pytorch's extract_face on a tensor image, written out with torch ops."""
-    image = torch.from_numpy(frame)
-    margin_x = margin * (box[2] - box[0]) / (image_size - margin)
-    margin_y = margin * (box[3] - box[1]) / (image_size - margin)
-    left, top = int(max(box[0] - margin_x / 2, 0)), int(max(box[1] - margin_y / 2, 0))
-    right = int(min(box[2] + margin_x / 2, frame.shape[1]))
-    bottom = int(min(box[3] + margin_y / 2, frame.shape[0]))
-    crop = image[top:bottom, left:right].permute(2, 0, 1)[None].float()
-    face = F.interpolate(crop, size=(image_size, image_size), mode="area").byte()[0]
-    return face.float()    # post_process=False: 0-255 values, [3, 48, 48]
-
-
-def normalise(face_chw):
-    return (np.asarray(face_chw, np.float64) - MEAN[:, None, None]) / STD[:, None, None]
-
-
 def test_face_crops_match_facenet():
     rng = np.random.default_rng(2)
     frames = rng.integers(0, 256, (4, 180, 320, 3)).astype(np.uint8)
@@ -115,6 +90,10 @@ def test_face_crops_match_facenet():
     assert faces.shape == (4, 3, 48, 48) and faces.dtype == np.float32
     for frame, box, face in zip(frames, boxes, faces):
         np.testing.assert_allclose(face, normalise(facenet_crop(frame, box)), rtol=0, atol=1e-5)
+    # Not rounded to integers before normalising (torch's area mode with .byte() was): a
+    # random frame's 80x100 region averages to fractions.
+    raw = faces[0] * STD[:, None, None] + MEAN[:, None, None]
+    assert np.abs(raw - np.round(raw)).max() > 0.1
 
 
 def test_no_face_falls_back_to_the_centre_patch():
@@ -127,12 +106,29 @@ def test_no_face_falls_back_to_the_centre_patch():
     np.testing.assert_allclose(faces[1], normalise(facenet_crop(frames[1], boxes[1])), atol=1e-5)
 
 
-def test_small_frame_without_face_is_resized_whole():
+@pytest.mark.parametrize("shape", [(360, 640), (480, 640), (720, 1280), (181, 320)])
+def test_no_face_falls_back_to_the_authors_region(shape):
+    frames = np.random.default_rng(5).integers(0, 256, (1, *shape, 3)).astype(np.uint8)
+    faces = crop_faces(frames, np.zeros((1, 4), np.float32), np.zeros(1, np.float32), "authors")
+    np.testing.assert_allclose(faces[0], normalise(authors_crop_img_center(frames[0]).transpose(2, 0, 1)),
+                               rtol=0, atol=1e-5)
+    if shape == (360, 640):      # columns 132:180, left of the frame's centre (296:344)
+        np.testing.assert_array_equal(authors_crop_img_center(frames[0]), frames[0, 156:204, 132:180])
+
+
+def test_authors_region_is_clamped_into_small_frames():
+    # Below 96 px high their offset - 24 is negative (they would index from the right): clamped to 0.
+    frames = np.random.default_rng(6).integers(0, 256, (1, 80, 120, 3)).astype(np.uint8)
+    faces = crop_faces(frames, np.zeros((1, 4), np.float32), np.zeros(1, np.float32), "authors")
+    np.testing.assert_allclose(faces[0], normalise(frames[0, 16:64, 0:48].transpose(2, 0, 1)), atol=1e-5)
+
+
+@pytest.mark.parametrize("no_face_crop", ["centre", "authors"])
+def test_small_frame_without_face_is_resized_whole(no_face_crop):
     frame = np.random.default_rng(4).integers(0, 256, (1, 30, 40, 3)).astype(np.uint8)
-    faces = crop_faces(frame, np.zeros((1, 4), np.float32), np.zeros(1, np.float32))
-    reference = F.interpolate(torch.from_numpy(frame[0]).permute(2, 0, 1)[None].float(),
-                              size=(48, 48), mode="area")[0].numpy()
-    np.testing.assert_allclose(faces[0], normalise(reference), rtol=0, atol=1e-4)
+    faces = crop_faces(frame, np.zeros((1, 4), np.float32), np.zeros(1, np.float32), no_face_crop)
+    reference = cv2.resize(frame[0].astype(np.float32), (48, 48), interpolation=cv2.INTER_AREA)
+    np.testing.assert_allclose(faces[0], normalise(reference.transpose(2, 0, 1)), rtol=0, atol=1e-4)
 
 
 def test_mean_coloured_frame_normalises_to_zero():

@@ -259,7 +259,7 @@ def test_no_frames_give_no_faces():
 
 def test_encoders_built_from_their_folders_match_torch_runner(built):
     repository = built("python-cpu-torch")
-    reference = load_model(None, None)      # the builder's model: seeded, fused
+    reference = load_model()      # the builder's model: seeded, fused
     runner = TorchRunner(reference.networks())
     rng = np.random.default_rng(2)
     clips = {   # ragged clips, a batch each
@@ -297,7 +297,7 @@ def test_padding_to_buckets_masks_what_it_adds():
 
 @pytest.fixture(scope="module")
 def small_model():
-    model = load_model(None, None)
+    model = load_model()
     return {"visual": model.visual_net(), "text": model.text_net()}
 
 

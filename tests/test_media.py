@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import media_factory as factory
-from fv2es.media import MediaError, decode_audio, decode_video
+from fv2es.media import MediaError, decode_audio, decode_video, sample_indices
 from fv2es_client import contract
 
 SIZE = (320, 180)
@@ -96,6 +96,28 @@ def test_face_clip_samples_every_500_ms(face_clip):
     assert video.duration == pytest.approx(3.0, abs=0.01)
 
 
+def test_authors_sampling_takes_every_15th_decoded_frame(face_clip):
+    # The authors' rule at 25 fps: frames 0, 15, 30, ... at their own times (every 0.6 s).
+    video = decode_video(face_clip, "every-15th-frame")
+    assert [factory.read_index(f) for f in video.frames] == [0, 15, 30, 45, 60]
+    np.testing.assert_allclose(video.times, [0, 0.6, 1.2, 1.8, 2.4], atol=1e-6)
+    # The same rule on known timestamps (the NVDEC path picks frames by index).
+    times = np.arange(250) / 25.0      # 10 s at 25 fps: 17 frames, where every 0.5 s gives 20
+    indices, instants = sample_indices(times, 10.0, "every-15th-frame")
+    assert indices.tolist() == list(range(0, 250, 15)) and len(indices) == 17
+    np.testing.assert_allclose(instants, times[::15])
+    assert len(sample_indices(times, 10.0)[0]) == 20
+
+
+def test_sampled_frames_stop_at_the_contract_limit(face_clip, monkeypatch):
+    from fv2es import media
+
+    monkeypatch.setattr(media, "MAX_FRAMES", 3)     # a header that understates the length
+    for sampling in ("every-0.5s", "every-15th-frame"):
+        with pytest.raises(MediaError, match=r"video too long: more than 3 sampled frames"):
+            decode_video(face_clip, sampling)
+
+
 def test_noface_clip(noface_clip):
     video = decode_video(noface_clip)
     assert [factory.read_index(f) for f in video.frames] == [0, 12, 25, 37]
@@ -169,6 +191,40 @@ def test_audio_is_resampled_mono_and_keeps_pitch(tmp_path):
         # Mono is the channels' mean: (0.5 + 0.25) / 2 amplitude, RMS 0.375 / sqrt(2).
         rms = np.sqrt(np.mean(samples[4000:28000] ** 2))
         assert rms == pytest.approx(0.375 / math.sqrt(2), rel=0.03)
+
+
+@pytest.mark.parametrize("channel,amplitude", [("mean", 0.375), ("left", 0.5), ("right", 0.25),
+                                               ("loudest", 0.5)])
+def test_audio_channel_rules(tmp_path, channel, amplitude):
+    # The stereo tone's right channel is at half the left's level; a mono file has one channel.
+    stereo = factory.make_clip(tmp_path / "stereo.wav", "wav", None, "pcm_s16le", 2.0, audio="tone")
+    mono = factory.make_clip(tmp_path / "mono.wav", "wav", None, "pcm_s16le", 2.0, audio="tone",
+                             audio_channels=1)
+    samples = decode_audio(stereo, channel).samples
+    assert np.sqrt(np.mean(samples[4000:28000] ** 2)) == pytest.approx(amplitude / math.sqrt(2), rel=0.03)
+    np.testing.assert_allclose(decode_audio(mono, channel).samples, decode_audio(mono, "mean").samples)
+
+
+def test_loudest_channel_is_the_louder_over_the_whole_file(tmp_path):
+    import wave
+
+    # Left loud for the first second, right loud for the next two: right has more energy.
+    t = np.arange(48_000) / 16_000
+    tone = np.sin(2 * np.pi * 440 * t)
+    left = np.where(t < 1, 0.6, 0.1) * tone
+    right = np.where(t < 1, 0.1, 0.5) * tone
+    path = tmp_path / "turns.wav"
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(2), out.setsampwidth(2), out.setframerate(16_000)
+        out.writeframes((np.stack([left, right], axis=1) * 32767).astype("<i2").tobytes())
+    np.testing.assert_allclose(decode_audio(path, "loudest").samples, right, atol=1e-4)
+    np.testing.assert_allclose(decode_audio(path, "left").samples, left, atol=1e-4)
+
+
+def test_unknown_audio_channel_is_refused(tmp_path):
+    clip = factory.make_clip(tmp_path / "mono.wav", "wav", None, "pcm_s16le", 0.5, audio="tone")
+    with pytest.raises(ValueError, match="audio channel 'centre'"):
+        decode_audio(clip, "centre")
 
 
 def test_audio_that_changes_layout_mid_stream(tmp_path):

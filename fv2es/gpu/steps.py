@@ -32,6 +32,7 @@ from fv2es.gpu.dali_pipelines import (
     CPU_CODECS, FRAME_INDICES, MEDIA_U8, probe_video, require_dali,
 )
 from fv2es.media import sample_indices
+from fv2es.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +106,12 @@ class DecodeVideo(steps.Step):
     then names the problem). Rotation metadata is applied to DALI's frames too."""
     name = "decode_video"
 
-    def __init__(self, nvdec, host_slots: HostSlots, codecs=NVDEC_CODECS):
+    def __init__(self, nvdec, host_slots: HostSlots, codecs=NVDEC_CODECS,
+                 preprocessing: Preprocessing = Preprocessing()):
         self.nvdec = nvdec
         self.host_slots = host_slots
         self.codecs = codecs
-        self.host = steps.DecodeVideo()
+        self.host = steps.DecodeVideo(preprocessing)
 
     def process(self, clip):
         media = steps.read_media(clip)
@@ -126,7 +128,7 @@ class DecodeVideo(steps.Step):
             return self.host.process(clip)
 
     def _on_nvdec(self, media: bytes, probe) -> dict:
-        indices, instants = sample_indices(probe.times, probe.end)
+        indices, instants = sample_indices(probe.times, probe.end, self.host.preprocessing.frame_sampling)
         frames = self.nvdec(np.frombuffer(media, np.uint8), indices)
         turns = display_turns(media)
         if turns:
@@ -175,4 +177,4 @@ def build_step(params: dict[str, str], version_dir: Path, device: str, nvdec=Non
         device_id = (torch.device(device).index or 0) if on_gpu else None
         nvdec = DaliVideoDecoder(version_dir / VIDEO_PIPELINE_FILE, device_id)
     return DecodeVideo(nvdec, host_slots_for(version_dir, int(params["host_decodes"])),
-                       NVDEC_CODECS if on_gpu else CPU_CODECS)
+                       NVDEC_CODECS if on_gpu else CPU_CODECS, Preprocessing.from_dict(params))

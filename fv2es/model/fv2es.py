@@ -19,6 +19,7 @@ from fv2es.model import ModelConfig
 from fv2es.model.nest import Nest
 from fv2es.model.repvgg import RepVGGBlock
 from fv2es.model.text import load_backbone
+from fv2es.preprocessing import Preprocessing
 
 __all__ = ["FV2ES", "ModelConfig"]
 
@@ -147,7 +148,8 @@ class FV2ES(nn.Module):
     through the four views (visual_net, audio_net, text_net, fusion_net).
 
     `weights_id` says where the weights came from; every prediction output shows it
-    (fv2es.checkpoint sets it).
+    (fv2es.checkpoint sets it). `preprocessing` is how its inputs are made (recorded in
+    checkpoints, applied by every profile and the predictor).
     `pretrained_text`: load the text backbone's own weights (False when a checkpoint will
     supply every weight).
     """
@@ -156,6 +158,7 @@ class FV2ES(nn.Module):
         super().__init__()
         self.config = config = config or ModelConfig()
         self.weights_id = "UNTRAINED: unseeded random weights, predictions are meaningless"
+        self.preprocessing = Preprocessing()
         dim, classes = config.trans_dim, config.num_classes
         self.T = TextBackbone(load_backbone(config, pretrained=pretrained_text))
         self.V = visual_cnn(config.fused)
